@@ -1,0 +1,100 @@
+"""Steps every HF-Trainer stage takes in the same way: output_dir checks, config dump, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "run_config.json"
+SECRET_WORDS = ("token", "api_key", "password", "secret")
+
+
+def setup_logging() -> None:
+    """INFO on global rank 0, warnings elsewhere (so the logs are read once, not N times)."""
+    import transformers
+
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+
+
+def prepare_output_dir(training_args, run_args) -> None:
+    """Refuse to write into a run that exists; resolve `--resume_from_checkpoint last`.
+
+    An output_dir that already holds files is someone's run: it is only written into with
+    `--overwrite_output_dir` or when resuming from one of its checkpoints.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise UserError("nothing to do: add --do_train (and/or --do_eval, --do_predict).")
+    output_dir = Path(training_args.output_dir or "")
+    if not training_args.output_dir:
+        raise UserError("--output_dir is required: the folder this run writes into.")
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "true", "True", True):
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {resume}: {output_dir} holds no checkpoint-* folder to resume; "
+                            f"drop the flag to start a new run.")
+        training_args.resume_from_checkpoint = last
+    elif resume and not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder; give a checkpoint-N path "
+                        f"or 'last'.")
+    has_run = output_dir.is_dir() and any(output_dir.iterdir())
+    if has_run and training_args.do_train and not resume and not run_args.overwrite_output_dir:
+        raise UserError(f"--output_dir {output_dir} already holds a run; pick a new folder, add "
+                        f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir to write over it.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _redact(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("<redacted>" if v and any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in values.items()}
+
+
+def resolved_config(stage: str, *arg_objects) -> dict[str, Any]:
+    """All argument values of the run, secrets redacted, JSON-serialisable."""
+    merged: dict[str, Any] = {"stage": stage}
+    for obj in arg_objects:
+        values = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        merged.update(values)
+    return json.loads(json.dumps(_redact(merged), default=str))
+
+
+def save_config(output_dir: str, config: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        Path(output_dir, CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def add_perplexity(metrics: dict[str, float], prefix: str = "eval") -> dict[str, float]:
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+    return metrics
+
+
+def train_and_save(trainer, training_args, run_args, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
+    """Train (resuming if asked), save weights/state/metrics, and plot the losses."""
+    from .callbacks import plot_loss
+
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        # run_config.json is the readable record of the arguments; the Trainer's copy is a
+        # pickle, which a checkpoint of ours never holds.
+        Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero() and run_args.plot_loss:
+        plot_loss(training_args.output_dir, keys=plot_keys)

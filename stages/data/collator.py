@@ -1,0 +1,67 @@
+"""Batch collation with dynamic padding (to the longest row of the batch, not a fixed length)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..hparams import IGNORE_INDEX
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False, multiple_of: int = 1) -> torch.Tensor:
+    longest = max(len(row) for row in rows)
+    longest = -(-longest // multiple_of) * multiple_of
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, longest - len(row):] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Block-diagonal causal mask (batch, 1, seq, seq): a token sees earlier tokens of its own sample.
+
+    `segment_ids` is 1.. per packed sample and 0 on padding. `dtype=None` gives a boolean
+    mask (sdpa); a float dtype gives an additive mask with the dtype's minimum (eager).
+    """
+    length = segment_ids.size(1)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = (same & causal & (segment_ids[:, None, :] > 0))
+    # Padding rows would otherwise see nothing, which makes softmax NaN: let them see themselves.
+    allowed |= torch.eye(length, dtype=torch.bool)
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class SupervisedCollator:
+    """Pads `input_ids`/`labels` (right); packed rows also get positions and a 4D mask."""
+
+    pad_token_id: int
+    mask_dtype: torch.dtype | None = None  # None: boolean 4D mask (sdpa); float dtype for eager
+    left_padding: bool = False  # generation needs the prompt flush against the new tokens
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        left, multiple = self.left_padding, self.pad_to_multiple_of
+        input_ids = pad([f["input_ids"] for f in features], self.pad_token_id, left, multiple)
+        batch = {"input_ids": input_ids,
+                 "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0, left, multiple)}
+        if "labels" in features[0]:
+            labels = [f["labels"] for f in features]
+            batch["labels"] = pad(labels, IGNORE_INDEX, left, multiple) if any(labels) else None
+            if batch["labels"] is None:
+                del batch["labels"]
+        if "segment_ids" in features[0]:
+            segments = pad([f["segment_ids"] for f in features], 0, multiple_of=multiple)
+            batch["position_ids"] = pad([f["position_ids"] for f in features], 0, multiple_of=multiple)
+            batch["attention_mask"] = packed_attention_mask(segments, self.mask_dtype)
+        return batch

@@ -1,0 +1,32 @@
+"""User errors: one clear line, exit status 2, no traceback.
+
+Every mistake a user can fix (a bad flag, a missing file, a wrong column) is raised as
+`UserError` with a message that names the flag or file and the fix. `main_guard` turns it
+into that line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """An input mistake the user can fix; printed as one line, exit status 2."""
+
+
+def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
+    """Wrap a stage's `run_*` so a `UserError` ends the process with one line and status 2."""
+
+    def main(argv: list[str] | None = None) -> None:
+        try:
+            entrypoint(argv)
+        except UserError as err:
+            # Under the DeepSpeed launcher every rank hits the same validation error:
+            # print it once, from global rank 0 (or from a single process).
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return main

@@ -1,0 +1,264 @@
+"""Typed arguments of every stage and the parser that fills them.
+
+A stage is started as `python -m stages.<name> [config.yaml|config.json] [--key value ...]`:
+the file gives the base values, command-line flags override them, and any key that no
+argument dataclass declares is an error that names it. Argument names follow the Hugging
+Face / LLaMA-Factory conventions; every field of transformers' `TrainingArguments` is
+accepted as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local model directory (or hub id) of the base causal LM."}
+    )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated LoRA adapter folders applied in order; the last one resumes training."},
+    )
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "Alias of adapter_name_or_path (older LLaMA-Factory name)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the model. Off unless you trust the model."}
+    )
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "Load the frozen base weights in 4 or 8 bits with bitsandbytes (QLoRA)."}
+    )
+    quantization_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (normal float) or fp4."}
+    )
+    double_quantization: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa (default) or eager; flash_attention_2 on GPUs."}
+    )
+    export_dir: str | None = field(
+        default=None, metadata={"help": "export: where the merged model is written."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_dir and not self.adapter_name_or_path:
+            self.adapter_name_or_path = self.checkpoint_dir
+        if self.quantization_bit not in (None, 4, 8):
+            raise UserError(f"--quantization_bit {self.quantization_bit} is not supported; use 4 or 8.")
+
+    @property
+    def adapters(self) -> list[str]:
+        return [p.strip() for p in (self.adapter_name_or_path or "").split(",") if p.strip()]
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None, metadata={"help": "Comma-separated dataset names from dataset_info.json, mixed into one."}
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Comma-separated evaluation datasets (instead of a val_size split)."}
+    )
+    dataset_dir: str = field(default="data", metadata={"help": "Folder holding dataset_info.json and the files."})
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Prompt template name (default, alpaca, vicuna, chatml, llama3, empty) or auto: "
+                          "the tokenizer's own chat template. None means auto."},
+    )
+    cutoff_len: int = field(default=1024, metadata={"help": "Maximum tokens per sample after tokenization."})
+    max_samples: int | None = field(default=None, metadata={"help": "Keep at most this many rows per dataset."})
+    val_size: float = field(
+        default=0.0, metadata={"help": "Held-out evaluation split: a fraction in (0, 1) or a row count (>= 1)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the datasets instead of loading them whole."})
+    buffer_size: int = field(default=1024, metadata={"help": "Shuffle buffer when streaming."})
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = field(
+        default="concat", metadata={"help": "How several datasets are mixed."}
+    )
+    interleave_probs: str | None = field(
+        default=None, metadata={"help": "Comma-separated sampling probabilities for interleave strategies."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "sft: pack short samples into cutoff_len rows; attention never crosses samples."},
+    )
+    train_on_prompt: bool = field(default=False, metadata={"help": "sft: also put the loss on prompt tokens."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for datasets.map (None: in process)."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute cached preprocessing."})
+
+    def __post_init__(self) -> None:
+        if self.cutoff_len <= 0:
+            raise UserError(f"--cutoff_len must be positive, got {self.cutoff_len}.")
+        if self.val_size < 0:
+            raise UserError(f"--val_size must be >= 0, got {self.val_size}.")
+        if self.streaming and 0 < self.val_size < 1:
+            raise UserError("--val_size as a fraction needs the dataset length; with --streaming give a row count.")
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return split_names(self.dataset)
+
+    @property
+    def eval_dataset_names(self) -> list[str]:
+        return split_names(self.eval_dataset)
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: Literal["lora", "freeze", "full"] = field(
+        default="lora", metadata={"help": "Which parameters train: LoRA adapters, the last layers, or all."}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (scaling alpha/r); default 2*r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(
+        default="all",
+        metadata={"help": "Comma-separated module names for LoRA (e.g. q_proj,v_proj) or all linear layers."},
+    )
+    additional_target: str | None = field(
+        default=None, metadata={"help": "Comma-separated extra modules trained fully and saved with the adapter."}
+    )
+    create_new_adapter: bool = field(
+        default=False, metadata={"help": "Merge the given adapters and train a fresh one instead of resuming."}
+    )
+    freeze_trainable_layers: int = field(
+        default=2, metadata={"help": "freeze: train the last N layers (negative: the first N)."}
+    )
+    freeze_trainable_modules: str = field(
+        default="all", metadata={"help": "freeze: comma-separated module names inside trainable layers, or all."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_rank <= 0:
+            raise UserError(f"--lora_rank must be a positive integer, got {self.lora_rank}.")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}.")
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return split_names(self.lora_target)
+
+
+@dataclass
+class GeneratingArguments:
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens (1: none)."})
+
+    def to_generate_kwargs(self) -> dict[str, Any]:
+        kwargs = asdict(self)
+        if not self.do_sample:  # greedy: drop sampling knobs so generate() does not warn
+            for key in ("temperature", "top_k", "top_p"):
+                kwargs.pop(key)
+        return kwargs
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
+    )
+    plot_loss: bool = field(default=False, metadata={"help": "Write loss curves as PNG into output_dir."})
+    wandb_group: str | None = field(
+        default=None, metadata={"help": "W&B group: give the stages of one pipeline the same group."}
+    )
+    wandb_job_type: str | None = field(
+        default=None, metadata={"help": "W&B job_type (default: the stage name)."}
+    )
+
+
+def split_names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (the base values of a run)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing .yaml/.json file or only --key value flags.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (ValueError, ImportError, Exception) as err:  # yaml.YAMLError has no common base with ValueError
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"config file {path} could not be parsed ({first_line}); fix its syntax.") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of argument names to values.")
+    return values
+
+
+def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
+    """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
+
+    Unknown keys (in the file or on the command line) raise a `UserError` naming them.
+    """
+    import sys
+
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        def error(self, message: str) -> None:  # argparse would print the whole usage and exit 2
+            raise UserError(f"{message}. Run `python -m stages.{stage} --help` for the arguments.")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(dataclass_types, prog=f"python -m stages.{stage}")
+    file_values: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-"):
+        file_values = read_config_file(argv.pop(0))
+    known = {action.dest for action in parser._actions}
+    unknown_in_file = sorted(set(file_values) - known)
+    if unknown_in_file:
+        raise UserError(f"unknown argument(s) in the config file: {', '.join(unknown_in_file)}; "
+                        f"run `python -m stages.{stage} --help` for the arguments.")
+    parser.set_defaults(**file_values)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown argument(s): {' '.join(unknown)}; "
+                        f"run `python -m stages.{stage} --help` for the arguments.")
+    values = vars(namespace)
+    if values.get("deepspeed") and not values.get("use_cpu"):
+        import torch
+
+        # Without an accelerator, accelerate only counts the DeepSpeed ranks (gloo) when told
+        # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
+        values["use_cpu"] = not torch.accelerator.is_available()
+    outputs = []
+    for dtype in dataclass_types:
+        names = {f.name for f in fields(dtype) if f.init}
+        try:
+            outputs.append(dtype(**{k: v for k, v in values.items() if k in names}))
+        except UserError:
+            raise
+        except (ValueError, TypeError) as err:  # TrainingArguments validates in __post_init__
+            raise UserError(f"invalid arguments: {str(err).strip().splitlines()[0]}") from None
+    return tuple(outputs)
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"

@@ -1,0 +1,225 @@
+"""The one model loader every stage (and DyPRAG) uses: tokenizer + model by keyword flags.
+
+`load_model(tokenizer, model_args, finetuning_args, is_trainable=..., compute_dtype=...)`
+handles full / freeze / LoRA tuning, stacking earlier LoRA checkpoints, bitsandbytes 4/8-bit
+base weights (QLoRA), the device from LOCAL_RANK, and DeepSpeed ZeRO-3 (no device_map; the
+weights are partitioned by transformers' zero.Init when a ZeRO-3 config is active).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .hparams import FinetuningArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+
+def check_model_args(model_args: ModelArguments, finetuning_args: FinetuningArguments, zero_stage: int | None) -> None:
+    """Refuse flag combinations that cannot work, before anything is loaded."""
+    if model_args.model_name_or_path is None:
+        raise UserError("--model_name_or_path is required: a local model directory (or hub id).")
+    if model_args.quantization_bit is not None:
+        if finetuning_args.finetuning_type != "lora":
+            raise UserError(f"--quantization_bit {model_args.quantization_bit} freezes quantized weights, so it needs "
+                            f"--finetuning_type lora (got {finetuning_args.finetuning_type}); drop quantization "
+                            f"or switch to LoRA.")
+        if model_args.quantization_bit == 8 and zero_stage == 3:
+            raise UserError("8-bit quantization does not work under DeepSpeed ZeRO-3; use --quantization_bit 4 or a "
+                            "ZeRO-2 config (ds_configs/zero2.json).")
+        if len(model_args.adapters) > 1:
+            raise UserError("a quantized base cannot merge adapters; pass one --adapter_name_or_path, or export the "
+                            "merged model first (python -m stages.export) and train on that.")
+    path = model_args.model_name_or_path
+    if os.path.sep in path or path.startswith("."):
+        if not Path(path).is_dir():
+            raise UserError(f"--model_name_or_path {path} is not a directory; point it at a saved model.")
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"--model_name_or_path {path} holds no config.json; point it at a saved model "
+                            f"(a folder written by save_pretrained).")
+    for adapter in model_args.adapters:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter_name_or_path {adapter} holds no adapter_config.json; point it at a LoRA "
+                            f"adapter folder (an earlier stage's output_dir).")
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                  trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"no tokenizer could be loaded from --model_name_or_path {model_args.model_name_or_path} "
+                        f"({str(err).splitlines()[0]}).") from None
+    if tokenizer.pad_token_id is None:  # many causal LMs ship without one; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def get_compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    import torch
+
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def build_quantization_config(quantization_bit: int | None, quantization_type: str, double_quantization: bool,
+                              compute_dtype: torch.dtype, zero3: bool = False):
+    """bitsandbytes config as a pure function of the flags (None when not quantizing)."""
+    if quantization_bit is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization_type, bnb_4bit_use_double_quant=double_quantization,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # ZeRO-3 partitions parameters by dtype: store the packed 4-bit weights in the compute dtype.
+        bnb_4bit_quant_storage=compute_dtype if zero3 else None,
+    )
+
+
+def local_device() -> torch.device:
+    """This process's device: accelerator number LOCAL_RANK, or the CPU."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return torch.device(torch.accelerator.current_accelerator().type, int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def find_linear_modules(model: PreTrainedModel, exclude: tuple[str, ...] = ("lm_head", "score")) -> list[str]:
+    """Names (last component) of every linear layer that LoRA can target."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and full_name.split(".")[-1] not in exclude:
+            names.add(full_name.split(".")[-1])
+    return sorted(names)
+
+
+def _setup_freeze(model: PreTrainedModel, finetuning_args: FinetuningArguments) -> None:
+    num_layers = model.config.num_hidden_layers
+    count = finetuning_args.freeze_trainable_layers
+    layer_ids = range(max(0, num_layers - count), num_layers) if count > 0 else range(min(-count, num_layers))
+    modules = finetuning_args.freeze_trainable_modules
+    wanted = None if modules == "all" else {m.strip() for m in modules.split(",")}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        in_layer = any(f".{i}." in f".{name}." and "layers" in parts for i in layer_ids)
+        param.requires_grad_(in_layer and (wanted is None or any(m in parts for m in wanted)))
+
+
+def _load_adapters(model, model_args: ModelArguments, finetuning_args: FinetuningArguments, is_trainable: bool):
+    from peft import PeftModel
+
+    adapters = model_args.adapters
+    resume = adapters[-1] if is_trainable and not finetuning_args.create_new_adapter and adapters else None
+    quantized = model_args.quantization_bit is not None
+    to_merge = [a for a in adapters if a != resume] if not quantized else []
+    for adapter in to_merge:
+        model = _peft_from_pretrained(PeftModel, model, adapter, is_trainable=False).merge_and_unload()
+    if resume is not None or (quantized and adapters):
+        model = _peft_from_pretrained(PeftModel, model, resume or adapters[-1], is_trainable=is_trainable)
+    logger.info("adapters: merged %s, kept %s", to_merge or "none", resume or (adapters[-1:] if quantized else "none"))
+    return model
+
+
+def _peft_from_pretrained(peft_model_cls, model, adapter: str, is_trainable: bool):
+    try:
+        return peft_model_cls.from_pretrained(model, adapter, is_trainable=is_trainable)
+    except RuntimeError as err:  # a size mismatch means the adapter was trained on another base model
+        if "size mismatch" in str(err) or "shape" in str(err):
+            base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            raise UserError(f"adapter {adapter} does not fit this base model (it was trained on {base}); pass the "
+                            f"matching --model_name_or_path.") from None
+        raise
+
+
+def _setup_lora(model, model_args: ModelArguments, finetuning_args: FinetuningArguments, is_trainable: bool):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = _load_adapters(model, model_args, finetuning_args, is_trainable)
+    if not is_trainable or hasattr(model, "peft_config"):  # inference, or resuming the last adapter
+        return model
+    targets = finetuning_args.lora_targets
+    if targets == ["all"]:
+        targets = find_linear_modules(model)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=finetuning_args.lora_rank, lora_alpha=finetuning_args.lora_alpha,
+        lora_dropout=finetuning_args.lora_dropout, target_modules=targets,
+        modules_to_save=[m.strip() for m in finetuning_args.additional_target.split(",")]
+        if finetuning_args.additional_target else None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise UserError(f"--lora_target {finetuning_args.lora_target}: {str(err).splitlines()[0]}") from None
+
+
+def load_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments,
+               finetuning_args: FinetuningArguments, *, is_trainable: bool,
+               compute_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False) -> Any:
+    """Load the causal LM prepared for `finetuning_type` (trainable) or for inference."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    compute_dtype = compute_dtype or torch.float32
+    zero3 = is_deepspeed_zero3_enabled()
+    quant_config = build_quantization_config(model_args.quantization_bit, model_args.quantization_type,
+                                             model_args.double_quantization, compute_dtype, zero3)
+    full = is_trainable and finetuning_args.finetuning_type == "full"
+    kwargs: dict[str, Any] = {
+        # Trainable weights stay fp32 (the optimizer's master copy); frozen ones use the compute dtype.
+        "dtype": torch.float32 if full else compute_dtype,
+        "trust_remote_code": model_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+    }
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+        if not zero3:  # bitsandbytes needs placement at load time; ZeRO-3 places weights itself
+            kwargs["device_map"] = {"": local_device()}
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    except ValueError as err:  # e.g. "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path} is not a causal LM that transformers "
+                        f"can load ({str(err).splitlines()[0]}).") from None
+
+    if not is_trainable:
+        if finetuning_args.finetuning_type == "lora" and model_args.adapters:
+            model = _load_adapters(model, model_args, finetuning_args, is_trainable=False)
+        model.requires_grad_(False)
+        return model.eval()
+
+    if quant_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if finetuning_args.finetuning_type == "lora":
+        model = _setup_lora(model, model_args, finetuning_args, is_trainable=True)
+        if gradient_checkpointing:  # checkpointed blocks need an input that requires grad
+            model.enable_input_require_grads()
+    elif finetuning_args.finetuning_type == "freeze":
+        _setup_freeze(model, finetuning_args)
+    for param in model.parameters():  # trainable parameters train in fp32 whatever the base dtype
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
