@@ -1,0 +1,20 @@
+# The two commands of the quick start, and the pieces they are made of.
+PYTHON ?= python
+# CPU machines: torch's CPU build first, so the project's `torch>=` range keeps it.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+demo: install
+	bash launch/pipeline.sh
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PYTHON) bench/sft_throughput.py

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny Llama + tokenizer built locally, the demo data, and stage runners.
+
+Nothing is downloaded: the tokenizer is trained on the project's own synthetic world and
+the model is initialised from a config (stages.embedded). Real text comes from
+../shared/data, and tests that need it skip with a reason where it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory) -> Path:
+    """The embedded default (tiny preset): DIR/model and DIR/data."""
+    out = tmp_path_factory.mktemp("embedded")
+    subprocess.run([sys.executable, "-m", "stages.embedded", "--output_dir", str(out), "--preset", "tiny",
+                    "--num_entities", "40"], check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_dir) -> Path:
+    return embedded_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_data(embedded_dir) -> Path:
+    return embedded_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory) -> Path:
+    """../shared/data/llamafactory_demo registered through a dataset_info.json of our own."""
+    source = SHARED_DATA / "llamafactory_demo"
+    if not source.is_dir():
+        pytest.skip(f"real data folder {source} is absent")
+    out = tmp_path_factory.mktemp("real_data")
+    info = {
+        "alpaca_en_demo": {"file_name": str(source / "alpaca_en_demo.json")},
+        "identity": {"file_name": str(source / "identity.json")},
+        "c4_demo": {"file_name": str(source / "c4_demo.jsonl"), "columns": {"prompt": "text"}},
+        "dpo_en_demo": {"file_name": str(source / "dpo_en_demo.json"), "ranking": True, "formatting": "sharegpt",
+                        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    }
+    (out / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def run_stage(stage: str, *args: str, check: bool = True, timeout: int = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage> args...` in a fresh process (as a user runs it)."""
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout, env=env or stage_env())
+    if check and result.returncode != 0:
+        raise AssertionError(f"stages.{stage} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def launch(script: str, *args: str, nproc: int = 2, check: bool = True, timeout: int = 900,
+           **env: str) -> subprocess.CompletedProcess:
+    """`bash launch/<script>.sh args...` with NPROC_PER_NODE ranks on this machine."""
+    run_env = stage_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **env)
+    result = subprocess.run(["bash", str(ROOT / "launch" / f"{script}.sh"), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout, env=run_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch/{script}.sh failed ({result.returncode}):\n{result.stdout[-6000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
