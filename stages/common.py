@@ -15,7 +15,9 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "run_config.json"
-SECRET_WORDS = ("token", "api_key", "password", "secret")
+# Secret-bearing argument names: hub_token-style keys (as TrainingArguments.to_dict sees them) and
+# anything naming a key/password. Plain "token" inside a name (max_new_tokens) is not a secret.
+SECRET_WORDS = ("api_key", "password", "secret")
 
 
 def setup_logging() -> None:
@@ -51,7 +53,12 @@ def prepare_output_dir(training_args, run_args) -> None:
     elif resume and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder; give a checkpoint-N path "
                         f"or 'last'.")
-    has_run = output_dir.is_dir() and any(output_dir.iterdir())
+    # Only global rank 0 judges: the other ranks may look after rank 0 has written its first
+    # files (run_config.json) and would take them for an old run. If rank 0 refuses, the
+    # launcher stops every rank. A folder holding only our run_config.json is an attempt that
+    # stopped at a user error (the config is written before the data is read): not a run.
+    has_run = os.environ.get("RANK", "0") == "0" and output_dir.is_dir() and any(
+        path.name != CONFIG_FILE for path in output_dir.iterdir())
     if has_run and training_args.do_train and not resume and not run_args.overwrite_output_dir:
         raise UserError(f"--output_dir {output_dir} already holds a run; pick a new folder, add "
                         f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir to write over it.")
@@ -59,7 +66,11 @@ def prepare_output_dir(training_args, run_args) -> None:
 
 
 def _redact(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("<redacted>" if v and any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in values.items()}
+    def secret(key: str) -> bool:
+        key = key.lower()
+        return key == "token" or key.endswith("_token") or any(word in key for word in SECRET_WORDS)
+
+    return {k: ("<redacted>" if v and secret(k) else v) for k, v in values.items()}
 
 
 def resolved_config(stage: str, *arg_objects) -> dict[str, Any]:

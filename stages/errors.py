@@ -7,6 +7,7 @@ into that line on stderr and exit status 2; anything else is a bug and keeps its
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,9 @@ def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[li
     """Wrap a stage's `run_*` so a `UserError` ends the process with one line and status 2."""
 
     def main(argv: list[str] | None = None) -> None:
+        # bitsandbytes (imported by transformers through peft) warns at import, on CPUs with
+        # AVX512-BF16, that an optional hub kernel is missing: noise before every log and error.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             entrypoint(argv)
         except UserError as err:

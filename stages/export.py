@@ -2,7 +2,8 @@
 
     python -m stages.export --model_name_or_path BASE --adapter_name_or_path OUT --export_dir MERGED
 
-The result loads with `AutoModelForCausalLM.from_pretrained(MERGED)`; no peft needed.
+The result loads with `AutoModelForCausalLM.from_pretrained(MERGED)` (an rm adapter: with
+`AutoModelForSequenceClassification.from_pretrained(MERGED)`); no peft needed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ def run_export(argv: list[str] | None = None) -> None:
     import torch
 
     from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, load_model, load_tokenizer
+    from .loader import check_model_args, has_value_head, load_model, load_tokenizer
 
     model_args, finetuning_args, run_args = parse_args([ModelArguments, FinetuningArguments, RunArguments], argv,
                                                        "export")
@@ -31,7 +32,10 @@ def run_export(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(model_args)
     # Merge in fp32 so the exported weights carry the adapter's delta without rounding twice.
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False, compute_dtype=torch.float32)
+    # An rm adapter (value head saved with it) exports as the one-label sequence classifier it is.
+    value_head = any(has_value_head(adapter) for adapter in model_args.adapters)
+    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False, compute_dtype=torch.float32,
+                       add_valuehead=value_head)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(export_dir, safe_serialization=True)

@@ -106,6 +106,10 @@ class DataArguments:
             raise UserError(f"--val_size must be >= 0, got {self.val_size}.")
         if self.streaming and 0 < self.val_size < 1:
             raise UserError("--val_size as a fraction needs the dataset length; with --streaming give a row count.")
+        from .data.loading import check_datasets
+
+        # An unknown name or a missing file fails here, before any model or data is loaded.
+        check_datasets(self.dataset_names + self.eval_dataset_names, self.dataset_dir)
 
     @property
     def dataset_names(self) -> list[str]:
@@ -228,13 +232,12 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(dataclass_types, prog=f"python -m stages.{stage}")
-    file_values: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-"):
-        file_values = read_config_file(argv.pop(0))
+    config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     known = {action.dest for action in parser._actions}
     unknown_in_file = sorted(set(file_values) - known)
     if unknown_in_file:
-        raise UserError(f"unknown argument(s) in the config file: {', '.join(unknown_in_file)}; "
+        raise UserError(f"unknown argument(s) in config file {config_file}: {', '.join(unknown_in_file)}; "
                         f"run `python -m stages.{stage} --help` for the arguments.")
     parser.set_defaults(**file_values)
     namespace, unknown = parser.parse_known_args(argv)

@@ -14,23 +14,8 @@ import json
 from functools import partial
 from pathlib import Path
 
-from transformers import Seq2SeqTrainer
-
 from .errors import main_guard
 from .hparams import IGNORE_INDEX
-
-
-class SupervisedTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer for decoder-only models: generate from the prompt alone, return only new tokens."""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        if not self.args.predict_with_generate or prediction_loss_only:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        labels = inputs.pop("labels", None)  # the reference answer: never fed to generate()
-        prompt_len = inputs["input_ids"].size(-1)
-        _, generated, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
-        generated = generated[:, prompt_len:] if generated is not None else None
-        return None, generated, labels
 
 
 def save_predictions(dataset, predictions, labels, tokenizer, output_dir: str) -> dict[str, float]:
@@ -66,6 +51,7 @@ def run_sft(argv: list[str] | None = None) -> None:
     from .hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments,
                           parse_args)
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .trainers import SupervisedTrainer
 
     # 1. arguments
     model_args, data_args, training_args, finetuning_args, generating_args, run_args = parse_args(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .loading import load_aligned
+from .loading import ALIGNED_COLUMNS, load_aligned
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments
@@ -31,8 +31,10 @@ def _tokenize(dataset, processor: Callable, data_args: DataArguments, desc: str,
         kwargs = {"num_proc": data_args.preprocessing_num_workers,
                   "load_from_cache_file": not data_args.overwrite_cache, "desc": desc}
     before = None if data_args.streaming else len(dataset)
-    tokenized = dataset.map(processor, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                            **kwargs)
+    # A streamed dataset may not know its columns after alignment (column_names is None); the
+    # aligned ones must still go, or a processor that changes the row count (pt) fails.
+    tokenized = dataset.map(processor, batched=True, batch_size=1000,
+                            remove_columns=dataset.column_names or list(ALIGNED_COLUMNS), **kwargs)
     if before is not None:
         after = len(tokenized)
         if after == 0:

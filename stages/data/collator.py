@@ -65,3 +65,20 @@ class SupervisedCollator:
             batch["position_ids"] = pad([f["position_ids"] for f in features], 0, multiple_of=multiple)
             batch["attention_mask"] = packed_attention_mask(segments, self.mask_dtype)
         return batch
+
+
+@dataclass
+class PairwiseCollator:
+    """rm: the chosen rows, then the rejected rows, in one right-padded batch of 2B rows.
+
+    One forward pass scores both answers of every pair; the trainer splits the scores in halves.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        multiple = self.pad_to_multiple_of
+        return {"input_ids": pad(rows, self.pad_token_id, multiple_of=multiple),
+                "attention_mask": pad([[1] * len(row) for row in rows], 0, multiple_of=multiple)}

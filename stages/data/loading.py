@@ -42,28 +42,37 @@ def _data_files(attr: DatasetAttr) -> tuple[str, list[str]]:
         raise UserError(f"dataset {attr.name!r}: file {path} does not exist; fix file_name in dataset_info.json "
                         f"or --dataset_dir.")
     suffixes = {Path(f).suffix.lower() for f in files}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
+    builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
+    if len(builders) != 1 or None in builders:  # .json and .jsonl mix: both are read by the json builder
         raise UserError(f"dataset {attr.name!r}: {path} must hold files of one type among "
                         f"{', '.join(FILE_BUILDERS)}; found {', '.join(sorted(suffixes))}.")
-    return FILE_BUILDERS[suffixes.pop()], files
+    return builders.pop(), files
+
+
+def check_datasets(names: list[str], dataset_dir: str) -> None:
+    """Resolve `names` and find their local files, so registry mistakes fail at argument validation."""
+    for attr in get_dataset_attrs(names, dataset_dir):
+        if attr.load_from == "file":
+            _data_files(attr)
 
 
 def _explain_bad_json(files: list[str]) -> str | None:
     """Name the first malformed JSON file/line, so the user knows where to look."""
     for file in files:
         text = Path(file).read_text(encoding="utf-8", errors="replace")
-        if file.endswith(".jsonl"):
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as err:
-                        return f"{file} line {number} is not valid JSON ({err.msg})"
-        else:
+        if not file.endswith(".jsonl"):
             try:
                 json.loads(text)
+                continue
             except json.JSONDecodeError as err:
-                return f"{file} line {err.lineno} is not valid JSON ({err.msg})"
+                if err.msg != "Extra data":  # else: JSON Lines in a .json file, read line by line
+                    return f"{file} line {err.lineno} is not valid JSON ({err.msg})"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{file} line {number} is not valid JSON ({err.msg})"
     return None
 
 
@@ -88,11 +97,11 @@ def load_raw(attr: DatasetAttr, data_args: DataArguments, seed: int) -> Dataset 
         reason = (_explain_bad_json(files) if files and kwargs["path"] == "json" else None) or \
             str(err).strip().splitlines()[0]
         raise UserError(f"dataset {attr.name!r} could not be loaded: {reason}; fix the data or its entry.") from None
+    limit = data_args.max_samples or attr.num_samples
+    if limit is not None:  # the first rows, streamed or not (shuffling first would pick others)
+        dataset = dataset.take(limit) if data_args.streaming else dataset.select(range(min(limit, len(dataset))))
     if data_args.streaming:
         dataset = dataset.shuffle(seed=seed, buffer_size=data_args.buffer_size)
-    limit = data_args.max_samples or attr.num_samples
-    if limit is not None:
-        dataset = dataset.take(limit) if data_args.streaming else dataset.select(range(min(limit, len(dataset))))
     return dataset
 
 

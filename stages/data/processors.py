@@ -107,7 +107,9 @@ def packed_supervised(batch: Batch, tokenizer: PreTrainedTokenizerBase, template
         for segment, index in enumerate(group, start=1):
             ids = single["input_ids"][index]
             row["input_ids"] += ids
-            row["labels"] += single["labels"][index]
+            # A sample's first token is never its own target; labelled (train_on_prompt), the
+            # shifted loss would train the previous sample's last token to predict it.
+            row["labels"] += [IGNORE_INDEX] + single["labels"][index][1:]
             row["position_ids"] += list(range(len(ids)))
             row["segment_ids"] += [segment] * len(ids)
         for key in out:

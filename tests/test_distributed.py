@@ -1,0 +1,184 @@
+"""Two ranks through the real DeepSpeed launcher on CPU (gloo): sft with LoRA under ZeRO-2/3, pt.
+
+Each sft run learns a small fixed batch, then the test checks what a user relies on: the loss
+went down, the two ranks split the data, only the adapter changed (the base on disk is
+untouched; a merged export differs from the base only in the LoRA-targeted layers), and the
+saved adapter gives, with plain `peft`, the logits of the project's own loader and of the
+merged export, and the evaluation loss the run measured on its DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port, launch, run_stage, stage_env
+
+pytestmark = pytest.mark.slow
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sft_args(tiny_model: Path, demo_data: Path, out: Path) -> list[str]:
+    # 8 rows, 4 per rank: every step sees the same global batch, so the loss falls smoothly. The
+    # evaluation (one row per rank and step, each row's own token mean) gives eval_loss = the mean
+    # of the 8 row losses; with tokens averaged across devices it would weight rows by the length
+    # of whichever row the other rank held in the same step.
+    return ["--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
+            "--max_samples", "8", "--cutoff_len", "128", "--output_dir", out, "--do_train", "--max_steps", "30",
+            "--learning_rate", "1e-2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+            "--eval_dataset", "demo_sft", "--do_eval", "--per_device_eval_batch_size", "1",
+            "--average_tokens_across_devices", "false", "--report_to", "none"]
+
+
+def _fixed_batch(tokenizer) -> dict[str, torch.Tensor]:
+    texts = ["What did the cartographer invent?", "A short entry about a city and its country."]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _eval_rows(tiny_model: Path, demo_data: Path, out: Path) -> list[dict]:
+    """The rows the run evaluated on, tokenized by the project's own pipeline."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from stages.data import get_dataset
+    from stages.data.processors import supervised
+    from stages.data.template import get_template
+    from stages.hparams import DataArguments, ModelArguments, parse_args
+    from stages.loader import load_tokenizer
+
+    model_args, data_args, training_args = parse_args(
+        [ModelArguments, DataArguments, Seq2SeqTrainingArguments],
+        ["--model_name_or_path", str(tiny_model), "--eval_dataset", "demo_sft", "--dataset_dir", str(demo_data),
+         "--max_samples", "8", "--cutoff_len", "128", "--output_dir", str(out / "eval_rows"), "--do_predict"],
+        "sft")
+    tokenizer = load_tokenizer(model_args)
+    encode = partial(supervised, tokenizer=tokenizer, template=get_template(tokenizer, data_args.template),
+                     cutoff_len=data_args.cutoff_len, train_on_prompt=False)
+    return list(get_dataset(data_args, training_args, encode).eval_dataset)
+
+
+@pytest.fixture(scope="module")
+def base_snapshot(tiny_model):
+    """The tiny base as plain transformers loads it, and its weights file hash, before any run."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().items()}
+    return state, _sha256(tiny_model / "model.safetensors")
+
+
+@pytest.mark.parametrize("zero, how", [("zero2", "bash launch/sft.sh"), ("zero3", "deepspeed launch/sft.sh")])
+def test_sft_lora_two_ranks(zero, how, tiny_model, demo_data, base_snapshot, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.callbacks import read_log
+    from stages.hparams import FinetuningArguments, ModelArguments
+    from stages.loader import load_model, load_tokenizer
+
+    out = tmp_path / "sft"
+    args = _sft_args(tiny_model, demo_data, out)
+    if how.startswith("bash"):  # the bash side of the script: ranks and config from the environment
+        launch("sft", *args, nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))
+    else:  # the file given to the DeepSpeed launcher exactly as a user types it
+        env = stage_env(OMP_NUM_THREADS="1")
+        env.pop("DS_CONFIG", None)
+        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/sft.sh",
+                   *map(str, args), "--deepspeed", f"ds_configs/{zero}.json"]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        first_error = output[output.find("Traceback"):][:4000] if "Traceback" in output else output[-4000:]
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{first_error}"
+
+    config = json.loads((out / "run_config.json").read_text())
+    assert Path(config["deepspeed"]).name == f"{zero}.json"
+
+    # The run learnt, and the two ranks split the data: 8 rows / (2 ranks x 4) = one epoch per step.
+    records = read_log(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert records[0]["epoch"] == pytest.approx(1.0)
+
+    # Only the adapter was trained: it holds LoRA weights only, every lora_B moved away from its
+    # zero init, the base on disk is unchanged and no full weights were written.
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter), sorted(adapter)[:5]
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    num_layers = len({k.split("layers.")[1].split(".")[0] for k in lora_b})
+    assert len(lora_b) == num_layers * len(LORA_MODULES)
+    assert all(v.abs().sum() > 0 for v in lora_b.values())
+    assert not (out / "model.safetensors").exists()
+    reference, digest = base_snapshot
+    assert _sha256(tiny_model / "model.safetensors") == digest
+    base_state = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert base_state.keys() == reference.keys()
+    assert all(torch.equal(base_state[k], reference[k]) for k in reference)
+
+    # The adapter loads with plain peft and gives the logits of the project's own loader.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    batch = _fixed_batch(tokenizer)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
+    plain_logits = _logits(plain, batch)
+    ours = load_model(load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model))),
+                      ModelArguments(model_name_or_path=str(tiny_model), adapter_name_or_path=str(out)),
+                      FinetuningArguments(), is_trainable=False)
+    torch.testing.assert_close(_logits(ours, batch), plain_logits, rtol=0, atol=1e-5)
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), batch)
+    assert (plain_logits - base_logits).abs().max() > 1e-2  # the adapter does something
+
+    # ... and reproduces the evaluation loss the run measured on its (partitioned) engine.
+    eval_loss = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    rows = _eval_rows(tiny_model, demo_data, tmp_path)
+    assert len(rows) == 8
+    with torch.no_grad():
+        row_losses = [plain(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+                      for r in rows]
+    assert torch.stack(row_losses).mean().item() == pytest.approx(eval_loss, rel=1e-4)
+
+    if zero != "zero3":
+        return
+    # The merged export loads with plain transformers, gives the same logits, and differs from the
+    # base only in the LoRA-targeted linear layers (embeddings, norms and lm_head are untouched).
+    merged_dir = tmp_path / "merged"
+    run_stage("export", "--model_name_or_path", tiny_model, "--adapter_name_or_path", out,
+              "--export_dir", merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(_logits(merged, batch), plain_logits, rtol=0, atol=1e-4)
+    merged_state = merged.state_dict()
+    assert merged_state.keys() == reference.keys()
+    for name, weight in reference.items():
+        targeted = any(f".{module}." in name for module in LORA_MODULES)
+        assert torch.equal(merged_state[name], weight) != targeted, name
+
+
+def test_pt_two_ranks_with_eval(tiny_model, demo_data, tmp_path):
+    from stages.callbacks import read_log
+
+    out = tmp_path / "pt"
+    launch("pt", "--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
+           "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--output_dir", out, "--do_train",
+           "--do_eval", "--max_steps", "4", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+           "--report_to", "none", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
+
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert (out / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert math.isfinite(metrics["eval_loss"])
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
