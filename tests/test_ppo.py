@@ -1,0 +1,212 @@
+"""ppo: the policy learns what a reward model wants; the reference stays the starting policy.
+
+A tiny synthetic task that a tiny policy can reach: every prompt is answered "yes" or "no"
+(half and half) after sft, and the reward model (trained by the rm stage on chosen "yes" /
+rejected "no" pairs) prefers "yes". PPO must move the mean reward from the sft policy's
+mixture to the "yes" end within a few dozen updates. Then the chain sft -> rm -> ppo runs
+through the launch scripts on two ranks (ZeRO-2), its policy is taken by sft's predict and by
+export, and the three runs share one W&B group. Bad input ends with one line
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, launch, run_stage, stage_env
+
+QUESTIONS = "river city clock tower blue green red castle bridge garden lamp stone mountain".split()
+
+
+@pytest.fixture(scope="module")
+def yes_no_data(tmp_path_factory) -> Path:
+    """yn_sft: random questions answered yes or no at random; yn_pref: chosen yes, rejected no."""
+    folder = tmp_path_factory.mktemp("yes_no")
+    rng = random.Random(0)
+    questions = [f"Is the {rng.choice(QUESTIONS)} {rng.choice(QUESTIONS)}?" for _ in range(160)]
+    sft = [{"instruction": q, "output": rng.choice(["yes", "no"])} for q in questions]
+    pref = [{"instruction": q, "chosen": "yes", "rejected": "no"} for q in questions]
+    (folder / "yn_sft.json").write_text(json.dumps(sft))
+    (folder / "yn_pref.json").write_text(json.dumps(pref))
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "yn_sft": {"file_name": "yn_sft.json"},
+        "yn_pref": {"file_name": "yn_pref.json", "ranking": True,
+                    "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_and_rm(tiny_model, yes_no_data, tmp_path_factory) -> tuple[Path, Path]:
+    """A full-tuned sft policy answering yes/no half and half, and a LoRA rm preferring yes."""
+    work = tmp_path_factory.mktemp("yes_no_runs")
+    env = stage_env(OMP_NUM_THREADS="1")
+    common = ["--dataset_dir", yes_no_data, "--do_train", "--per_device_train_batch_size", "16",
+              "--learning_rate", "1e-2", "--report_to", "none"]
+    run_stage("sft", "--model_name_or_path", tiny_model, "--dataset", "yn_sft", "--output_dir", work / "sft",
+              "--finetuning_type", "full", "--max_steps", "30", *common, env=env)
+    run_stage("rm", "--model_name_or_path", tiny_model, "--dataset", "yn_pref", "--output_dir", work / "rm",
+              "--max_steps", "15", *common, env=env)
+    return work / "sft", work / "rm"
+
+
+def _prompt_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """Two chat prompts, left-padded so that position -1 is where each answer starts."""
+    tokenizer.padding_side = "left"
+    messages = [[{"role": "user", "content": f"Is the {a} {b}?"}] for a, b in (("river", "blue"), ("lamp", "red"))]
+    return dict(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                              padding=True, return_dict=True))
+
+
+def test_ppo_learns_and_the_reference_stays_fixed(sft_and_rm, yes_no_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.callbacks import read_log
+
+    sft, rm = sft_and_rm
+    out = tmp_path / "ppo"
+    run_stage("ppo", "--model_name_or_path", sft, "--reward_model", rm, "--dataset", "yn_sft",
+              "--dataset_dir", yes_no_data, "--output_dir", out, "--max_steps", "20",
+              "--per_device_train_batch_size", "16", "--max_new_tokens", "3", "--ppo_epochs", "2",
+              "--learning_rate", "3e-3", "--temperature", "1.0", "--logging_steps", "1", "--sample_steps", "10",
+              "--report_to", "none", env=stage_env(OMP_NUM_THREADS="1"))
+
+    records = [r for r in read_log(out) if "objective/scores" in r]
+    scores = [r["objective/scores"] for r in records]
+    assert len(scores) == 20 and all(math.isfinite(s) for s in scores)
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    # The sft policy answers yes about half the time; PPO moves the batches to (almost) all yes.
+    assert last > first + 1.0 and last > 0.8 * max(scores), scores
+    # The reference is the starting policy (KL 0 at the first update) and does not move with
+    # the policy: the KL grows as the policy leaves it.
+    kls = [r["objective/kl"] for r in records]
+    assert abs(kls[0]) < 1e-3 and max(kls[-4:]) > 0.05, kls
+
+    # Saved like an sft output: a LoRA adapter + tokenizer; sample tables were written.
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 11} and all("reward" in s and "response" in s for s in samples)
+
+    # Reference = the policy with its adapter disabled = the sft model, logit for logit; the
+    # trained policy itself has moved away from it.
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    batch = _prompt_batch(tokenizer)
+    with torch.no_grad():
+        sft_logits = AutoModelForCausalLM.from_pretrained(sft).eval()(**batch).logits
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), out).eval()
+        policy_logits = policy(**batch).logits
+        with policy.disable_adapter():
+            reference_logits = policy(**batch).logits
+    torch.testing.assert_close(reference_logits, sft_logits, rtol=0, atol=1e-5)
+    assert (policy_logits[:, -1] - sft_logits[:, -1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("case", ["pairwise_dataset", "rm_without_value_head", "adapter_of_another_base"])
+def test_bad_input_is_one_line_and_exit_2(case, sft_and_rm, yes_no_data, tiny_model, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.ppo import main
+
+    sft, rm = sft_and_rm
+    args = {"--model_name_or_path": tiny_model, "--reward_model": rm, "--dataset": "yn_sft",
+            "--dataset_dir": yes_no_data, "--output_dir": tmp_path / "ppo", "--report_to": "none"}
+    if case == "pairwise_dataset":
+        args["--dataset"] = "yn_pref"
+        expected = "dataset 'yn_pref' is pairwise; this stage needs non-pairwise data"
+    elif case == "rm_without_value_head":
+        args["--reward_model"] = sft  # an sft output: a causal LM, no value head
+        expected = f"--reward_model {sft} holds no value head"
+    else:  # an sft adapter trained on a base with another hidden size
+        config = AutoConfig.from_pretrained(tiny_model)
+        config.hidden_size, config.intermediate_size = 32, 64
+        other = tmp_path / "other_base"
+        AutoModelForCausalLM.from_config(config).save_pretrained(other)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(other), lora).save_pretrained(tmp_path / "other_sft")
+        args["--adapter_name_or_path"] = tmp_path / "other_sft"
+        expected = f"adapter {tmp_path / 'other_sft'} does not fit this base model (it was trained on {other})"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(item) for pair in args.items() for item in pair])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and expected in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.slow
+def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
+    """sft -> rm -> ppo through the launch scripts (2 ranks, ZeRO-2), one W&B group.
+
+    pt is left out of the chain to keep CI short: its output is a plain model directory, which
+    is what sft starts from here, and test_distributed runs pt on two ranks.
+    """
+    from test_wandb import read_wandb_records
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.callbacks import read_log
+    from stages.hparams import FinetuningArguments, ModelArguments
+    from stages.loader import load_model, load_tokenizer
+
+    wandb_dir = tmp_path / "wandb"
+    wandb_dir.mkdir()
+    common = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "wandb",
+              "--wandb_group", "chain-7"]
+    env = {"DS_CONFIG": str(ROOT / "ds_configs" / "zero2.json"), "WANDB_DIR": str(wandb_dir),
+           "WANDB_PROJECT": "stages-test"}
+    base, sft, rm, ppo = tiny_model, tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
+    launch("sft", "--model_name_or_path", base, "--dataset", "yn_sft", "--dataset_dir", yes_no_data,
+           "--output_dir", sft, "--do_train", "--max_steps", "4", "--learning_rate", "1e-2", *common, **env)
+    # The rm starts from the sft policy: the sft adapter is merged, the value head gets a new one.
+    launch("rm", "--model_name_or_path", base, "--adapter_name_or_path", sft, "--dataset", "yn_pref",
+           "--dataset_dir", yes_no_data, "--val_size", "16", "--output_dir", rm, "--do_train", "--do_eval",
+           "--max_steps", "4", "--learning_rate", "1e-2", *common, **env)
+    launch("ppo", "--model_name_or_path", base, "--adapter_name_or_path", sft, "--reward_model", rm,
+           "--dataset", "yn_sft", "--dataset_dir", yes_no_data, "--output_dir", ppo, "--max_steps", "3",
+           "--max_new_tokens", "3", "--ppo_epochs", "1", "--sample_steps", "2", *common, **env)
+
+    records = [r for r in read_log(ppo) if "objective/scores" in r]
+    assert len(records) == 3 and all(math.isfinite(r["objective/scores"]) for r in records)
+    assert abs(records[0]["objective/kl"]) < 1e-3  # the reference is the sft policy the run started from
+    assert json.loads((ppo / "deepspeed_config.json").read_text())["train_batch_size"] == 8  # 2 ranks x 4
+    assert (ppo / "adapter_model.safetensors").is_file() and not (ppo / "training_args.bin").exists()
+
+    # One W&B group for the three stages; the ppo run logs its metrics and sample tables.
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3, runs
+    by_job = {}
+    for folder in runs:
+        records_ = list(read_wandb_records(next(folder.glob("*.wandb"))))
+        run = next(r.run for r in records_ if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "chain-7"
+        keys = {item.key or "/".join(item.nested_key) for r in records_ if r.WhichOneof("record_type") == "history"
+                for item in r.history.item}
+        by_job[run.job_type] = keys
+    assert set(by_job) == {"sft", "rm", "ppo"}
+    assert {"train/loss", "eval/accuracy", "eval/margin"} <= by_job["rm"], by_job["rm"]
+    assert {"train/objective/scores", "train/objective/kl", "train/objective/entropy", "train/loss/value_avg",
+            "train/policy/clipfrac_avg", "train/val/clipfrac_avg", "ppo/samples/_type"} <= by_job["ppo"], by_job["ppo"]
+    assert list((runs[0].parent).glob("*/files/media/table/ppo/samples_*.table.json"))
+
+    # The policy is an sft output: sft's predict_with_generate and export take it (stacked on sft).
+    stacked = f"{sft},{ppo}"
+    run_stage("sft", "--model_name_or_path", base, "--adapter_name_or_path", stacked, "--eval_dataset", "yn_sft",
+              "--dataset_dir", yes_no_data, "--max_samples", "4", "--output_dir", tmp_path / "predict",
+              "--do_predict", "--predict_with_generate", "--max_new_tokens", "3", "--report_to", "none")
+    predictions = (tmp_path / "predict" / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 4
+    run_stage("export", "--model_name_or_path", base, "--adapter_name_or_path", stacked,
+              "--export_dir", tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = _prompt_batch(tokenizer)
+    ours = load_model(load_tokenizer(ModelArguments(model_name_or_path=str(base))),
+                      ModelArguments(model_name_or_path=str(base), adapter_name_or_path=stacked),
+                      FinetuningArguments(), is_trainable=False)
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+        torch.testing.assert_close(ours(**batch).logits, merged_logits, rtol=0, atol=1e-4)
