@@ -28,3 +28,22 @@ def zero_stage(config: str | dict[str, Any] | None) -> int | None:
     if values is None:
         return None
     return int(values.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_single_process_env() -> None:
+    """Make a process started without a launcher a world of one for `deepspeed.initialize`.
+
+    Stages that build their DeepSpeed engine themselves also run as plain `python -m ...`;
+    without the launcher's RANK/WORLD_SIZE/MASTER_* DeepSpeed would try MPI discovery. A run
+    under a launcher (RANK set) is left alone.
+    """
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:  # a free port for the one-member process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})

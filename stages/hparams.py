@@ -245,6 +245,12 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
         raise UserError(f"unknown argument(s): {' '.join(unknown)}; "
                         f"run `python -m stages.{stage} --help` for the arguments.")
     values = vars(namespace)
+    if values.get("deepspeed"):
+        from .deepspeed_utils import init_single_process_env
+
+        # `python -m stages.X --deepspeed cfg.json` without the launcher: a world of one,
+        # instead of DeepSpeed's MPI discovery failing with an mpi4py traceback.
+        init_single_process_env()
     if values.get("deepspeed") and not values.get("use_cpu"):
         import torch
 

@@ -182,3 +182,14 @@ def test_pt_two_ranks_with_eval(tiny_model, demo_data, tmp_path):
     metrics = json.loads((out / "eval_results.json").read_text())
     assert math.isfinite(metrics["eval_loss"])
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
+
+
+def test_deepspeed_config_without_launcher_runs_as_one_rank(tiny_model, demo_data, tmp_path):
+    """`python -m stages.sft --deepspeed zero3.json` (no launcher) is a world of one, not an MPI traceback."""
+    out = tmp_path / "sft"
+    run_stage("sft", "--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
+              "--max_samples", "8", "--cutoff_len", "64", "--output_dir", out, "--do_train", "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--deepspeed", ROOT / "ds_configs" / "zero3.json",
+              "--report_to", "none")
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
+    assert (out / "adapter_model.safetensors").is_file()
