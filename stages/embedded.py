@@ -3,7 +3,8 @@
 Nothing is downloaded. `python -m stages.embedded --output_dir DIR` writes
 
     DIR/data/   demo datasets + a LLaMA-Factory `dataset_info.json` (demo_pt, demo_sft,
-                demo_sft_chat, demo_pref, demo_corpus, demo_qa)
+                demo_sft_chat, demo_augment (PRAG's augmentation task), demo_pref,
+                demo_corpus, demo_qa)
     DIR/model/  a Llama-architecture model (safetensors) + a byte-level BPE tokenizer trained
                 on the world's own text, loadable with plain `AutoModelForCausalLM` /
                 `AutoTokenizer.from_pretrained(DIR/model)`
@@ -16,7 +17,7 @@ byte-identical files, another seed gives another world.
 
 Held-out split: about a fifth of the entities are `test` entities. Their facts appear only
 in the retrieval corpus (`demo_corpus`) and in the `split: "test"` records of `demo_qa`, never
-in the training sets (demo_pt, demo_sft, demo_sft_chat, demo_pref), so answering them needs
+in the training sets (demo_pt, demo_sft, demo_sft_chat, demo_augment, demo_pref), so answering them needs
 the passage (in context, or injected as parameters by DyPRAG) rather than memory.
 
 Tokenizer choice: byte-level BPE without a normalizer and without a post-processor, so
@@ -376,6 +377,7 @@ DATASET_INFO: dict[str, dict[str, Any]] = {
     "demo_sft": {"file_name": "demo_sft.json"},
     "demo_sft_chat": {"file_name": "demo_sft_chat.json", "formatting": "sharegpt",
                       "columns": {"messages": "conversations", "system": "system"}},
+    "demo_augment": {"file_name": "demo_augment.json"},
     "demo_pref": {"file_name": "demo_pref.json", "ranking": True,
                   "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
     "demo_corpus": {"file_name": "demo_corpus.jsonl", "columns": {"prompt": "text"}},
@@ -443,6 +445,31 @@ def _chat_rows(world: World, passages: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _augment_rows(world: World, passages: dict[str, str]) -> list[dict[str, str]]:
+    """Alpaca rows teaching PRAG's augmentation task with the original prompts (dyprag.prompts).
+
+    For every training entity: its passage rewritten (each fact in another sentence template)
+    and a JSON list of three QA pairs about it, so the sft model can serve as the augmentation
+    LLM of the pipeline, as the model being trained does in the original.
+    """
+    from dyprag.augment import qa_prompt
+    from dyprag.prompts import REWRITE_PROMPT
+
+    rng = random.Random(f"{world.seed}/augment")
+    rows = []
+    for entity in world.entities:
+        if entity.split != "train":
+            continue
+        passage = passages[entity.id]
+        rewrite = " ".join(say(entity, fact, 1 + rng.randrange(2)) for fact in entity.facts)
+        rows.append({"instruction": REWRITE_PROMPT.format(passage=passage), "input": "", "output": rewrite})
+        qa = [{"question": QUESTIONS[(entity.kind, fact.relation)].format(n=entity.name), "answer": fact.value,
+               "full_answer": say(entity, fact)} for fact in rng.sample(entity.facts, 3)]
+        rows.append({"instruction": qa_prompt(passage), "input": "", "output": json.dumps(qa, indent=4)})
+    rng.shuffle(rows)
+    return rows
+
+
 def _qa_records(world: World, qa: list[QAPair], passages: dict[str, str],
                 per_train_entity: int = 3) -> list[dict[str, Any]]:
     """PRAG records: the gold passage first, then two distractors (other entities, same kind first).
@@ -481,6 +508,7 @@ def build_datasets(world: World) -> dict[str, list[Any]]:
         "demo_pt": [{"text": text} for text in make_corpus(world)],
         "demo_sft": _sft_rows(world, qa, passages),
         "demo_sft_chat": _chat_rows(world, passages),
+        "demo_augment": _augment_rows(world, passages),
         "demo_pref": make_preferences(world, qa),
         "demo_corpus": passage_rows,
         "demo_qa": _qa_records(world, qa, passages),

@@ -88,7 +88,8 @@ def test_held_out_facts_stay_out_of_the_training_sets():
 
 def test_every_dataset_info_entry_has_its_file_and_columns(demo_data):
     info = json.loads((demo_data / "dataset_info.json").read_text())
-    assert set(info) == {"demo_pt", "demo_sft", "demo_sft_chat", "demo_pref", "demo_corpus", "demo_qa"}
+    assert set(info) == {"demo_pt", "demo_sft", "demo_sft_chat", "demo_augment", "demo_pref", "demo_corpus",
+                         "demo_qa"}
     for name, entry in info.items():
         path = demo_data / entry["file_name"]
         assert path.is_file(), name
@@ -104,6 +105,18 @@ def test_every_dataset_info_entry_has_its_file_and_columns(demo_data):
         for row in rows:
             assert set(declared) <= set(row), (name, row)
             assert all(isinstance(row[c], (str, list, int)) for c in declared), (name, row)
+    # The augmentation rows are what dyprag.augment asks and accepts: the original prompts,
+    # replies that parse into three QA pairs about the passage's entity.
+    from dyprag.augment import parse_qa, qa_prompt
+    from dyprag.prompts import REWRITE_PROMPT
+
+    augment = _rows(demo_data / "demo_augment.json")
+    qa_rows = [r for r in augment if r["instruction"].startswith(qa_prompt("").split("Passage:")[0])]
+    assert qa_rows and len(qa_rows) * 2 == len(augment)
+    for row in qa_rows:
+        qa = parse_qa(row["output"], 3)
+        assert qa is not None and all(pair["answer"] in row["instruction"] for pair in qa), row
+    assert all(r["instruction"].startswith(REWRITE_PROMPT.split("{")[0]) for r in augment if r not in qa_rows)
     for row in _rows(demo_data / "demo_sft_chat.json"):
         roles = [turn["from"] for turn in row["conversations"]]
         assert roles[::2] == ["human"] * (len(roles) // 2) and roles[1::2] == ["gpt"] * (len(roles) // 2)
