@@ -168,13 +168,16 @@ def augment_passages(passages: Sequence[str], generate: GenerateFn, num_qa: int 
 
 def augment_records(records: Sequence[dict[str, Any]], passages: Sequence[Sequence[str]], generate: GenerateFn,
                     model_name: str, num_qa: int = 3, max_attempts: int = 5,
-                    passage_ids: Sequence[Sequence[str]] | None = None) -> tuple[list[dict[str, Any]], AugmentStats]:
+                    passage_ids: Sequence[Sequence[str]] | None = None,
+                    keep_skipped: bool = False) -> tuple[list[dict[str, Any]], AugmentStats]:
     """Records in the PRAG format: `passages` = the augmented ones, `augment` = their augmentations.
 
     `passages[i]` are the candidate passages of `records[i]` (given or retrieved), `passage_ids[i]`
     their corpus ids when known (kept aligned in the output's `passage_ids`; a stale field is
     dropped). As the original, skipped passages are dropped and the kept ones renumbered
-    (pid = position), so bank keys stay "<test_id>_<position in passages>".
+    (pid = position), so bank keys stay "<test_id>_<position in passages>". With `keep_skipped`
+    they stay in `passages` without an `augment` entry instead (encoding then trains their LoRA
+    on the passage text alone), so every question keeps all its passages.
     """
     flat = [(r, k) for r, psgs in enumerate(passages) for k in range(len(psgs))]
     ids = [f"{records[r]['test_id']}_{k}" for r, k in flat]
@@ -184,11 +187,13 @@ def augment_records(records: Sequence[dict[str, Any]], passages: Sequence[Sequen
         fresh = {key: value for key, value in record.items() if key != "passage_ids"}
         out.append({**fresh, "passages": [], "augment": [], **({"passage_ids": []} if passage_ids else {})})
     for (index, k), result in zip(flat, results):
-        if result is None:
+        if result is None and not keep_skipped:
             continue
         record = out[index]
-        record["augment"].append({"pid": len(record["passages"]), "passage": passages[index][k],
-                                  f"{model_name}{REWRITE_SUFFIX}": result.rewrite, f"{model_name}{QA_SUFFIX}": result.qa})
+        if result is not None:
+            record["augment"].append({"pid": len(record["passages"]), "passage": passages[index][k],
+                                      f"{model_name}{REWRITE_SUFFIX}": result.rewrite,
+                                      f"{model_name}{QA_SUFFIX}": result.qa})
         record["passages"].append(passages[index][k])
         if passage_ids:
             record["passage_ids"].append(passage_ids[index][k])

@@ -50,6 +50,10 @@ class AugmentArguments:
     augment_model_name: str | None = field(default=None, metadata={"help": "Prefix of the output fields (default: "
                                                                            "the model path's basename, lower-case)."})
     max_samples: int | None = field(default=None, metadata={"help": "Augment only the first N records."})
+    keep_skipped: bool = field(default=False, metadata={"help": "Keep passages whose augmentation never parsed "
+                                                                "(without an 'augment' entry: encoding trains them "
+                                                                "on the passage alone) instead of dropping them as "
+                                                                "the original does."})
     # Generation: the original's sampling (HF's default top-k 50), which is what makes a retry differ.
     max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per rewrite / QA reply."})
     do_sample: bool = field(default=True, metadata={"help": "Sample the replies (greedy retries would repeat)."})
@@ -138,7 +142,8 @@ def run_augment(argv: list[str] | None = None) -> None:
     share = rank_share(list(range(len(records))), rank, world)
     augmented, stats = augment_records([records[i] for i in share], [passages[i] for i in share], generate, name,
                                        aug_args.num_qa, aug_args.max_attempts,
-                                       [passage_ids[i] for i in share] if passage_ids else None)
+                                       [passage_ids[i] for i in share] if passage_ids else None,
+                                       keep_skipped=aug_args.keep_skipped)
     augmented = gather_shares(augmented, world)
     total = AugmentStats()
     for part in gather_shares([stats], world):

@@ -110,6 +110,12 @@ def test_augment_records_writes_the_prag_format():
                                     "tiny-llm_qa": _pairs(3)}
     assert stats.skipped_ids == ["7_1"] and records[0]["passage_ids"] == ["stale"]  # input untouched
 
+    # keep_skipped: the skipped passage stays in place without an augmentation entry.
+    kept, _ = augment_records(records, [["p0", "bad", "p2"]], FakeLLM({"p0": [GOOD], "bad": ["no"], "p2": [GOOD]}),
+                              "tiny-llm", max_attempts=2, passage_ids=[["c0", "c1", "c2"]], keep_skipped=True)
+    assert kept[0]["passages"] == ["p0", "bad", "p2"] and kept[0]["passage_ids"] == ["c0", "c1", "c2"]
+    assert [a["pid"] for a in kept[0]["augment"]] == [0, 2]
+
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
