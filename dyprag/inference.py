@@ -7,12 +7,15 @@ of a `LoraProvider`), and whether the passages go into the prompt. The part-1 me
     rag           no LoRA,  passages          standard in-context RAG
     prag          "prag",   no passages       PRAG: the passages' LoRAs only
     prag_combine  "prag",   passages          PRAG-Combine: LoRAs + passages
+    dyprag          "dyprag", no passages       DyPRAG: the translator's LoRAs of the passages
+    dyprag_combine  "dyprag", passages          DyPRAG-Combine: generated LoRAs + passages
 
 A provider turns a batch of records into one LoRA per record (stacked on the batch axis,
 `dyprag.lora` layout) plus its scaling; `BankLoras` is PRAG's: the bank LoRAs of the record's
 top-k passages combined with `combine_sum` (the sum of their deltas, i.e. rank concatenation:
 what the original's `add_weighted_adapter(..., combination_type="cat", weights=[1]*k)` does).
-DyPRAG adds a provider and two methods (dyprag, dyprag_combine) without touching this code.
+DyPRAG's provider is `dyprag.translator.TranslatorLoras` (the passages through the parameter
+translator, combined by averaging; see `dyprag.translator.combine_loras`).
 
 Decoding is greedy, batched with left padding; each batch's per-sample LoRAs are injected
 with `inject_lora` for the duration of its `generate` call only. Prompts are the original's
@@ -46,7 +49,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("vanilla"), Method("rag", in_context=True), Method("prag", lora="prag"),
-    Method("prag_combine", lora="prag", in_context=True))}
+    Method("prag_combine", lora="prag", in_context=True), Method("dyprag", lora="dyprag"),
+    Method("dyprag_combine", lora="dyprag", in_context=True))}
 
 
 class LoraProvider(Protocol):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +205,19 @@ def publish_file(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
+def write_files_atomic(out: Path, writers: dict[str, Callable[[str], object]]) -> None:
+    """Write each file of a folder through a temp file + rename, so none is ever seen half-written."""
+    for filename, write in writers.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=out)
+        os.close(fd)
+        try:
+            write(tmp)
+            publish_file(tmp, out / filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def read_peft_adapter(folder: str | os.PathLike) -> tuple[LoraWeights, LoraSpec]:
     """A plain peft LoRA adapter folder as batch-1 weights plus its spec (the inverse of save_peft_adapter)."""
     from safetensors.torch import load_file
@@ -243,15 +256,7 @@ def save_peft_adapter(weights: LoraWeights, index: int, spec: LoraSpec, base_mod
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=base_model_name_or_path)
     config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-    for filename, write in ((ADAPTER_WEIGHTS, lambda p: save_file(to_peft_state_dict(weights, index), p,
-                                                                   metadata={"format": "pt"})),
-                            (ADAPTER_CONFIG, lambda p: Path(p).write_text(config_text, encoding="utf-8"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=out)
-        os.close(fd)
-        try:
-            write(tmp)
-            publish_file(tmp, out / filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write_files_atomic(out, {
+        ADAPTER_WEIGHTS: lambda p: save_file(to_peft_state_dict(weights, index), p, metadata={"format": "pt"}),
+        ADAPTER_CONFIG: lambda p: Path(p).write_text(config_text, encoding="utf-8")})
     return out

@@ -27,6 +27,21 @@ class JsonlLogCallback(TrainerCallback):
             file.write(json.dumps(record) + "\n")
 
 
+def log_step(output_dir: str | Path, stage: str, record: dict[str, Any]) -> None:
+    """One line of trainer_log.jsonl, and the same values to W&B as `<stage>/<key>` when a run is active.
+
+    For stages with their own loop (no HF Trainer); the caller is global rank 0 and `record`
+    holds "step".
+    """
+    import sys
+
+    with open(Path(output_dir) / LOG_FILE, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+    wandb = sys.modules.get("wandb")  # only when init_wandb started a run
+    if wandb is not None and wandb.run is not None:
+        wandb.log({f"{stage}/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
 def read_log(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
@@ -43,8 +58,11 @@ def _smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_loss(output_dir: str | Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> list[Path]:
-    """Write one PNG per logged key (raw and smoothed) from trainer_log.jsonl; returns the files."""
+def plot_loss(output_dir: str | Path, keys: tuple[str, ...] = ("loss", "eval_loss"),
+              save_dir: str | Path | None = None) -> list[Path]:
+    """Write one PNG per logged key (raw and smoothed) from trainer_log.jsonl; returns the files.
+
+    The PNGs go into `save_dir` (default: output_dir itself)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +85,7 @@ def plot_loss(output_dir: str | Path, keys: tuple[str, ...] = ("loss", "eval_los
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.legend()
-        path = Path(output_dir) / f"training_{key.replace('/', '_')}.png"
+        path = Path(save_dir or output_dir) / f"training_{key.replace('/', '_')}.png"
         fig.savefig(path, format="png", dpi=100)
         plt.close(fig)
         written.append(path)

@@ -1,13 +1,16 @@
-"""prag_eval: answer PRAG records with vanilla / RAG / PRAG / PRAG-Combine and score EM/F1.
+"""prag_eval: answer PRAG records with vanilla / RAG / PRAG / PRAG-Combine / DyPRAG / DyPRAG-Combine, score EM/F1.
 
     python -m stages.prag_eval --model_name_or_path M --data_file records.json --bank_dir BANK \\
         --output_dir OUT [--methods vanilla,rag,prag,prag_combine] [--top_k 3] [--with_cot --fewshot_file F]
+    python -m stages.prag_eval ... --projector_dir PROJ   # + dyprag, dyprag_combine (stages.projector's output)
     bash launch/prag_eval.sh ...   # the same on several ranks: each answers its share of the questions
 
 For every question the LoRAs of its top-k passages (bank keys "<test_id>_<pid>", written by
 `stages.encode`) are summed (rank concatenation, as the original) and injected into the frozen
-model; answers are greedy, batched (`--per_device_eval_batch_size`), with the original prompts
-(direct: "... The answer is", or chain-of-thought with few-shot examples). Writes
+model; with `--projector_dir` the trained parameter translator turns the same passages into
+LoRAs at question time instead (averaged, `--dyprag_combination`). Answers are greedy, batched
+(`--per_device_eval_batch_size`), with the original prompts (direct: "... The answer is", or
+chain-of-thought with few-shot examples). Writes
 OUT/results.json (the table + run config), OUT/results.md, OUT/predictions.jsonl (one line
 per question and method), and logs the table to W&B (`--report_to wandb`, offline without an
 account).
@@ -20,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UserError, main_guard
 
@@ -35,9 +38,18 @@ class PragEvalArguments:
                                                                   "with question, answer, passages)."})
     bank_dir: str | None = field(default=None, metadata={"help": "LoRA bank of the records' passages (from "
                                                                  "stages.encode); needed by prag and prag_combine."})
-    methods: str = field(default="vanilla,rag,prag,prag_combine",
-                         metadata={"help": "Comma-separated methods: vanilla (question only), rag (passages in "
-                                           "context), prag (passage LoRAs), prag_combine (LoRAs + passages)."})
+    projector_dir: str | None = field(default=None, metadata={"help": "Trained parameter translator (the output_dir "
+                                                                      "of stages.projector); needed by dyprag and "
+                                                                      "dyprag_combine."})
+    dyprag_combination: Literal["factors", "deltas"] = field(
+        default="factors", metadata={"help": "How a question's generated LoRAs are combined: factors (average A and B "
+                                             "separately, the original) or deltas (average B@A exactly, rank k*r)."})
+    methods: str | None = field(default=None,
+                                metadata={"help": "Comma-separated methods: vanilla (question only), rag (passages in "
+                                                  "context), prag (passage LoRAs), prag_combine (LoRAs + passages), "
+                                                  "dyprag (generated LoRAs), dyprag_combine (generated LoRAs + "
+                                                  "passages). Default: the first four, plus the dyprag two with "
+                                                  "--projector_dir."})
     top_k: int = field(default=3, metadata={"help": "Passages per question (in context and/or as LoRAs)."})
     with_cot: bool = field(default=False, metadata={"help": "Chain-of-thought prompts (needs --fewshot_file); the "
                                                             "answer is read after 'the answer is'."})
@@ -60,6 +72,8 @@ class PragEvalArguments:
                             "answers end with 'So the answer is ...'.")
         if self.max_new_tokens is None:
             self.max_new_tokens = 128 if self.with_cot else 20
+        if self.methods is None:
+            self.methods = "vanilla,rag,prag,prag_combine" + (",dyprag,dyprag_combine" if self.projector_dir else "")
 
     @property
     def method_names(self) -> list[str]:
@@ -110,6 +124,27 @@ def _read_fewshot(path: str) -> str:
     return format_fewshot(examples)
 
 
+def _translator_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) -> Any:
+    """DyPRAG's provider: the trained translator (checked against this model) on this rank's device."""
+    from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorLoras, load_translator
+
+    from .loader import local_device
+
+    folder = Path(eval_args.projector_dir)
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError(f"--projector_dir {folder} holds no {CONFIG_FILE}; point it at a stages.projector output_dir "
+                        f"(or one of its checkpoint-N folders).")
+    translator = load_translator(folder, device=local_device())
+    try:
+        expected = TranslatorConfig.for_model(model, translator.config.spec)
+    except ValueError as err:
+        raise UserError(f"--projector_dir {folder}: {err}") from None
+    if (expected.modules, expected.hidden_size) != (translator.config.modules, translator.config.hidden_size):
+        raise UserError(f"--projector_dir {folder} was trained for {translator.config.base_model_name_or_path}, whose "
+                        f"layers differ from --model_name_or_path; evaluate it with that model.")
+    return TranslatorLoras(translator, model, tokenizer, eval_args.top_k, eval_args.dyprag_combination)
+
+
 def log_table_to_wandb(rows: list[dict[str, Any]]) -> None:
     """The results table as a W&B table plus per-method summary values (when a run is active)."""
     import wandb
@@ -151,6 +186,9 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     methods = [METHODS[m] for m in eval_args.method_names]
     if any(m.lora == "prag" for m in methods) and not eval_args.bank_dir:
         raise UserError("--methods prag/prag_combine need --bank_dir: the LoRA bank written by stages.encode.")
+    if any(m.lora == "dyprag" for m in methods) and not eval_args.projector_dir:
+        raise UserError("--methods dyprag/dyprag_combine need --projector_dir: the translator written by "
+                        "stages.projector.")
     fewshot = _read_fewshot(eval_args.fewshot_file) if eval_args.with_cot else None
     rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under DeepSpeed
     out = check_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
@@ -177,15 +215,17 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False, compute_dtype=compute_dtype)
     if model_args.quantization_bit is None:
         model.to(local_device())
-    loras = None
+    providers: dict[str, Any] = {}
+    if eval_args.projector_dir:
+        providers["dyprag"] = _translator_loras(eval_args, model, tokenizer)
     if eval_args.bank_dir:
         from dyprag.bank import LoraBank
 
         if not Path(eval_args.bank_dir).is_dir():
             raise UserError(f"--bank_dir {eval_args.bank_dir} is not a folder; encode the records first "
                             f"(python -m stages.encode).")
-        loras = BankLoras(LoraBank(eval_args.bank_dir), eval_args.top_k, dtype=compute_dtype,
-                          device=local_device())
+        loras = providers["prag"] = BankLoras(LoraBank(eval_args.bank_dir), eval_args.top_k, dtype=compute_dtype,
+                                              device=local_device())
         missing = loras.missing(records)
         if missing:
             raise UserError(f"--bank_dir {eval_args.bank_dir} has no LoRA for {len(missing)} passage(s) of the "
@@ -196,7 +236,8 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     predictions: list[dict[str, Any]] = []
     for method in methods:
         logger.info("answering %d questions with %s", len(share), method.name)
-        answers = answer_questions(model, tokenizer, share, method, lora=loras, top_k=eval_args.top_k,
+        answers = answer_questions(model, tokenizer, share, method, lora=providers.get(method.lora),
+                                   top_k=eval_args.top_k,
                                    with_cot=eval_args.with_cot, fewshot=fewshot,
                                    batch_size=training_args.per_device_eval_batch_size,
                                    max_new_tokens=eval_args.max_new_tokens, show_progress=rank == 0)
