@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-slurm bench
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -15,6 +15,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The Slurm job scripts under a single-node Slurm that tests/slurm/setup_slurm.sh installs
+# and starts (root, Debian packages).
+test-slurm: install
+	STAGES_TEST_SLURM=1 $(PYTHON) -m pytest -q -m slurm tests/test_slurm.py $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) bench/sft_throughput.py

@@ -65,17 +65,39 @@ def prepare_output_dir(training_args, run_args) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _redact(values: dict[str, Any]) -> dict[str, Any]:
-    def secret(key: str) -> bool:
-        key = key.lower()
-        return key == "token" or key.endswith("_token") or any(word in key for word in SECRET_WORDS)
+def _secret(key: str) -> bool:
+    key = key.lower()
+    return key == "token" or key.endswith("_token") or any(word in key for word in SECRET_WORDS)
 
-    return {k: ("<redacted>" if v and secret(k) else v) for k, v in values.items()}
+
+def _redact(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("<redacted>" if v and _secret(k) else v) for k, v in values.items()}
+
+
+def _redact_argv(argv: list[str]) -> list[str]:
+    """The command line less the launcher's --local_rank, with the value of a secret flag redacted."""
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("--local_rank"):
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag.startswith("--") and eq and _secret(flag[2:]):
+            arg = f"{flag}=<redacted>"
+        elif out and out[-1].startswith("--") and "=" not in out[-1] and _secret(out[-1][2:]):
+            arg = "<redacted>"
+        out.append(arg)
+    return out
 
 
 def resolved_config(stage: str, *arg_objects) -> dict[str, Any]:
-    """All argument values of the run, secrets redacted, JSON-serialisable."""
-    merged: dict[str, Any] = {"stage": stage}
+    """All argument values of the run, secrets redacted, JSON-serialisable.
+
+    `argv` is the command line as given (less the launcher's --local_rank): which values the
+    user chose, so `stages.report` can print the command that reproduces the run.
+    """
+    import sys
+
+    merged: dict[str, Any] = {"stage": stage, "argv": _redact_argv(sys.argv[1:])}
     for obj in arg_objects:
         values = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
         merged.update(values)
