@@ -1,0 +1,71 @@
+"""The main job (launch/pipeline.sh) on a reduced setting: every stage's outputs and the report.
+
+The pipeline is killed once in the middle (after pt finished, while sft runs) and started
+again: the second run must skip pt, finish the rest, and leave every stage's outputs, a
+report whose results table has all six methods, and valid PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port, stage_env
+
+pytestmark = pytest.mark.slow
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+METHODS = ["vanilla", "rag", "prag", "prag_combine", "dyprag", "dyprag_combine"]
+
+
+def _pipeline(work: Path, log: Path) -> subprocess.Popen:
+    env = stage_env(WORK_DIR=str(work), PRESET="tiny", DEMO_SCALE="reduced", NPROC_PER_NODE="2",
+                    OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), WANDB_DIR=str(work))
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "pipeline.sh")], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_pipeline_runs_every_stage_resumes_after_a_kill_and_reports(tmp_path):
+    work = tmp_path / "demo"
+    first = _pipeline(work, tmp_path / "first.log")
+    deadline = time.time() + 600
+    while not (work / "pt" / ".pipeline_complete").is_file() or not (work / "sft").is_dir():
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+        assert time.time() < deadline, "pt did not finish in time"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole job: the launcher and its ranks
+    first.wait()
+    assert not (work / "sft" / ".pipeline_complete").exists()
+
+    second = _pipeline(work, tmp_path / "second.log")
+    assert second.wait(timeout=1500) == 0, (tmp_path / "second.log").read_text()[-6000:]
+    log = (tmp_path / "second.log").read_text()
+    assert "== pt: already complete" in log and "== sft: restarting the stopped run" in log
+    assert "== main job done in" in log
+
+    # Every stage left its outputs.
+    for stage in ("pt", "sft", "rm", "ppo"):
+        assert (work / stage / "trainer_log.jsonl").is_file(), stage
+    assert (work / "sft" / "adapter_model.safetensors").is_file()
+    rm_metrics = json.loads((work / "rm" / "all_results.json").read_text())
+    assert 0.0 <= rm_metrics["eval_accuracy"] <= 1.0
+    assert (work / "sft_merged" / "config.json").is_file()
+    summary = json.loads((work / "augment" / "augment_summary.json").read_text())
+    assert summary["passages"] == summary["augmented"] + summary["skipped_qa"] + summary["skipped_rewrite"]
+    assert json.loads((work / "encode" / "encode_summary.json").read_text())["passages"] > 0
+    results = json.loads((work / "prag_eval" / "results.json").read_text())["results"]
+    assert [row["method"] for row in results] == METHODS
+    assert all(0.0 <= float(row["em"]) <= 1.0 and 0.0 <= float(row["f1"]) <= 1.0 for row in results)
+
+    # The report: markdown + HTML, the six-row table, valid PNGs it links to.
+    report = (work / "report.md").read_text()
+    assert (work / "report.html").is_file()
+    assert all(f"| {method} " in report for method in METHODS), report
+    images = [work / line.split("](")[1].split(")")[0] for line in report.splitlines() if "![" in line]
+    assert images and all(p.read_bytes().startswith(PNG_SIGNATURE) for p in images)
+    assert "bash launch/sft.sh" in report
