@@ -47,3 +47,5 @@ def init_single_process_env() -> None:
         port = sock.getsockname()[1]
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
+    # accelerate, seeing a distributed CPU run, would set this to the core count itself and warn.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))

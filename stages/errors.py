@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -27,10 +28,14 @@ def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[li
         try:
             entrypoint(argv)
         except UserError as err:
-            # Under the DeepSpeed launcher every rank hits the same validation error:
-            # print it once, from global rank 0 (or from a single process).
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {err}", file=sys.stderr, flush=True)
+            # Under the DeepSpeed launcher every rank usually hits the same validation error:
+            # rank 0 prints it at once and exits, and the launcher then kills the others. A
+            # rank that is alone with its error still says it, after a pause that lets the
+            # launcher stop it first in the common case (so the line is printed once).
+            rank = os.environ.get("RANK", "0")
+            if rank != "0":
+                time.sleep(3)
+            print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return main

@@ -102,8 +102,13 @@ def gather_shares(share: list[Any], world: int) -> list[Any]:
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> Path:
+    """Refuse a folder that holds files unless --overwrite_output_dir; create it.
+
+    Only global rank 0 judges: the other ranks may look after rank 0 has written its first
+    file and would take it for an old run (if rank 0 refuses, the launcher stops them all).
+    """
     out = Path(output_dir)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if os.environ.get("RANK", "0") == "0" and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--output_dir {out} already holds files; pick a new folder or add --overwrite_output_dir.")
     out.mkdir(parents=True, exist_ok=True)
     return out
