@@ -98,7 +98,7 @@ def run_augment(argv: list[str] | None = None) -> None:
     from dyprag.augment import AugmentStats, HFGenerator, augment_records
     from dyprag.records import RecordError, augment_model_name, load_records, save_records
 
-    from .common import resolved_config, save_config, setup_logging
+    from .common import resolved_config, save_config
     from .deepspeed_utils import zero_stage
     from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
@@ -107,7 +107,6 @@ def run_augment(argv: list[str] | None = None) -> None:
     # 1. arguments and checks
     model_args, aug_args, training_args, run_args = parse_args(
         [ModelArguments, AugmentArguments, TrainingArguments, RunArguments], argv, STAGE)
-    setup_logging()
     finetuning_args = FinetuningArguments()  # inference only: adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:

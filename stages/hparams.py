@@ -266,6 +266,9 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
             raise
         except (ValueError, TypeError) as err:  # TrainingArguments validates in __post_init__
             raise UserError(f"invalid arguments: {str(err).strip().splitlines()[0]}") from None
+    from .common import setup_logging
+
+    setup_logging()
     return tuple(outputs)
 
 

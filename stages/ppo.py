@@ -148,7 +148,7 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from trl.experimental.ppo import PPOConfig
 
     from .callbacks import JsonlLogCallback, init_wandb, plot_loss
-    from .common import prepare_output_dir, resolved_config, save_config, setup_logging
+    from .common import prepare_output_dir, resolved_config, save_config
     from .data import get_dataset
     from .data.processors import prompt_only
     from .data.template import get_template
@@ -161,7 +161,6 @@ def run_ppo(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, finetuning_args, ppo_args, run_args = parse_args(
         [ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, PPOArguments, RunArguments], argv,
         "ppo")
-    setup_logging()
     stage = zero_stage(training_args.deepspeed)
     check_model_args(model_args, finetuning_args, stage)
     if training_args.resume_from_checkpoint:

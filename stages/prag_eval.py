@@ -171,7 +171,7 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     from dyprag.records import RecordError, load_records
 
     from .callbacks import init_wandb
-    from .common import resolved_config, save_config, setup_logging
+    from .common import resolved_config, save_config
     from .deepspeed_utils import zero_stage
     from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
@@ -179,7 +179,6 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     # 1. arguments and checks (before anything is loaded)
     model_args, eval_args, training_args, run_args = parse_args(
         [ModelArguments, PragEvalArguments, TrainingArguments, RunArguments], argv, STAGE)
-    setup_logging()
     finetuning_args = FinetuningArguments()  # inference only: adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:

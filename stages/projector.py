@@ -435,7 +435,7 @@ def run_projector(argv: list[str] | None = None) -> None:
         passage_hidden, save_translator
 
     from .callbacks import init_wandb, log_step, plot_loss
-    from .common import prepare_output_dir, resolved_config, save_config, setup_logging
+    from .common import prepare_output_dir, resolved_config, save_config
     from .deepspeed_utils import zero_stage
     from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
@@ -443,7 +443,6 @@ def run_projector(argv: list[str] | None = None) -> None:
     # 1. arguments and checks (before anything is loaded)
     model_args, proj_args, training_args, run_args = parse_args(
         [ModelArguments, ProjectorArguments, ProjectorTrainingArguments, RunArguments], argv, STAGE)
-    setup_logging()
     finetuning_args = FinetuningArguments()  # the base stays frozen; adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:

@@ -70,12 +70,10 @@ def run_projector_export(argv: list[str] | None = None) -> None:
     from dyprag.lora import ADAPTER_CONFIG, LoraSpec, save_peft_adapter, select
     from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorLoras, combine_loras, load_translator
 
-    from .common import setup_logging
     from .hparams import FinetuningArguments, ModelArguments, parse_args
     from .loader import check_model_args, load_model, load_tokenizer, local_device
 
     model_args, export_args = parse_args([ModelArguments, ProjectorExportArguments], argv, STAGE)
-    setup_logging()
     folder, out = Path(export_args.projector_dir), Path(export_args.output_dir)
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"--projector_dir {folder} holds no {CONFIG_FILE}; point it at a stages.projector output_dir.")

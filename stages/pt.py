@@ -17,8 +17,7 @@ def run_pt(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, Trainer, default_data_collator
 
     from .callbacks import JsonlLogCallback, init_wandb
-    from .common import (add_perplexity, prepare_output_dir, resolved_config, save_config, setup_logging,
-                         train_and_save)
+    from .common import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
     from .data import get_dataset
     from .data.processors import pt_blocks
     from .deepspeed_utils import zero_stage
@@ -28,7 +27,6 @@ def run_pt(argv: list[str] | None = None) -> None:
     # 1. arguments: file + overrides, validated before anything heavy is loaded
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "pt")
-    setup_logging()
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     prepare_output_dir(training_args, run_args)
     config = resolved_config("pt", model_args, data_args, training_args, finetuning_args, run_args)

@@ -72,11 +72,9 @@ def run_retrieve(argv: list[str] | None = None) -> None:
     from dyprag.records import save_records
     from dyprag.retrieval import BM25Index, CorpusError
 
-    from .common import setup_logging
     from .hparams import parse_args
 
     (args,) = parse_args([RetrieveArguments], argv, "retrieve")
-    setup_logging()
     index_dir = Path(args.index_dir)
     try:
         # 1. the index: build from --corpus (refusing to replace one silently), else load

@@ -44,7 +44,7 @@ def run_rm(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, set_seed
 
     from .callbacks import JsonlLogCallback, init_wandb
-    from .common import prepare_output_dir, resolved_config, save_config, setup_logging, train_and_save
+    from .common import prepare_output_dir, resolved_config, save_config, train_and_save
     from .data import get_dataset
     from .data.collator import PairwiseCollator
     from .data.processors import pairwise
@@ -58,7 +58,6 @@ def run_rm(argv: list[str] | None = None) -> None:
     # 1. arguments
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "rm")
-    setup_logging()
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     training_args.remove_unused_columns = False  # the pairs' columns are not forward() arguments
 

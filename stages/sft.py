@@ -41,8 +41,7 @@ def run_sft(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments
 
     from .callbacks import JsonlLogCallback, init_wandb
-    from .common import (add_perplexity, prepare_output_dir, resolved_config, save_config, setup_logging,
-                         train_and_save)
+    from .common import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
     from .data import get_dataset
     from .data.collator import SupervisedCollator
     from .data.processors import packed_supervised, prompt_only, supervised
@@ -57,7 +56,6 @@ def run_sft(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, finetuning_args, generating_args, run_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, GeneratingArguments,
          RunArguments], argv, "sft")
-    setup_logging()
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     prepare_output_dir(training_args, run_args)
     training_args.remove_unused_columns = False  # packed rows carry segment_ids for the collator
