@@ -16,8 +16,9 @@ pairs and the sentences in reverse order as the rewrite.
   the base in fp32 or bf16: the strongest sequential baseline. Timed on all passages.
 - batched fp32 / batched bf16: dyprag.encode.encode_batch, `--passages_per_batch` passages
   per batched forward/backward, written to a LoRA bank (the write is timed too).
-Warm-up, untimed: the batched sides run the whole set once (each batch shape selects its
-kernels once), the peft sides one passage; then the set is timed end to end. "passages/s"
+Warm-up, untimed: the batched sides run the whole set once on a GPU (each batch shape selects
+its kernels once) and four passages on a CPU (no per-shape kernel choice there: code paths and
+allocator only), the peft sides one passage; then the set is timed end to end. "passages/s"
 = passages / wall seconds; "tokens/s" counts the real (unpadded) tokens trained on. The
 check column is the largest |difference| of the side's LoRA weights to the peft fp32
 side's: float rounding for the fp32 sides (the original's padding, mathematically a no-op,
@@ -30,7 +31,9 @@ peft adapter folders, both as the original does it (`PeftModel.from_pretrained` 
 per passage) and with one PeftModel and `load_adapter` per folder.
 
 Use `--threads` to pin torch's thread count (the same for every side); on a shared machine
-oversubscribed threads make every figure noisy.
+oversubscribed threads make every figure noisy. The bf16 sides run where bf16 is native (a GPU,
+a CPU with AMX or AVX512-BF16; `--dtypes` overrides): emulated bf16 on other CPUs is many times
+slower than fp32 on both sides alike and would make the run take most of an hour.
 """
 
 from __future__ import annotations
@@ -135,6 +138,15 @@ def max_difference(states, reference) -> float:
     return worst
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -170,12 +182,12 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
     }
     rows, reference = [], None
     for name, run in sides.items():
-        if name in args.skip:
+        if name in args.skip or name.split()[-1] == "bf16" and "bf16" not in args.dtypes:
             continue
         original = name.startswith("original")
         count = args.original_passages if original else len(texts)
-        if name.startswith("batched"):  # every batch shape once: kernel selection, allocator growth
-            run(texts, work / "warmup")
+        if name.startswith("batched"):  # GPU: every batch shape once (kernel selection); CPU: code paths
+            run(texts if args.device != "cpu" else texts[:4], work / "warmup")
         elif not original:  # the original's 3000-token steps run on the code path peft fp32 warmed up
             run(texts[:1], work / "warmup")
         seconds, states = timed(lambda: run(texts[:count], work / name.split()[0]))
@@ -242,18 +254,24 @@ def main() -> None:
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="texts: the real PRAG records (auto: when present) or the embedded demo_qa; the bench "
                              "tokenizer, trained on the demo world, cuts real text into ~3x more tokens")
-    parser.add_argument("--original_passages", type=int, default=2, help="passages for the (slow) original loop")
+    parser.add_argument("--original_passages", type=int, default=1, help="passages for the (slow) original loop")
     parser.add_argument("--passages_per_batch", type=int, default=32, help="batched: passages per forward/backward")
     parser.add_argument("--max_batch_tokens", type=int, default=16384, help="batched: padded tokens per forward")
     parser.add_argument("--cutoff_len", type=int, default=3000, help="tokens kept per training text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the encoding sides run (cpu, cuda); loading is on cpu")
     parser.add_argument("--skip", nargs="*", default=[], help="sides to leave out, by name")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated: fp32, bf16 (default: both on a GPU or a CPU with native bf16 "
+                             "(AMX / AVX512-BF16), fp32 alone elsewhere: emulated bf16 takes many minutes and "
+                             "says nothing about the method)")
     parser.add_argument("--bank_size", type=int, default=256, help="LoRAs in the bank of the loading bench")
     parser.add_argument("--load_count", type=int, default=64, help="LoRAs loaded per batch")
     parser.add_argument("--load_repeats", type=int, default=3, help="loading: median over this many runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.dtypes is None:
+        args.dtypes = "fp32,bf16" if args.device != "cpu" or native_cpu_bf16() else "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
