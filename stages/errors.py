@@ -2,7 +2,8 @@
 
 Every mistake a user can fix (a bad flag, a missing file, a wrong column) is raised as
 `UserError` with a message that names the flag or file and the fix. `main_guard` turns it
-into that line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+into that line on stderr and exit status 2; `RunStopped` (training stopped on purpose) into one
+line and status 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """An input mistake the user can fix; printed as one line, exit status 2."""
+
+
+class RunStopped(Exception):
+    """Training stopped on purpose (e.g. a non-finite loss); printed as one line, exit status 1."""
 
 
 def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
@@ -37,5 +42,15 @@ def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[li
                 time.sleep(3)
             print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except RunStopped as err:  # every rank may stop at once: each says which it is
+            print(f"stopped (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except Exception as err:
+            # A bug: the traceback stays. With several ranks, one line first says which rank
+            # failed (the launcher then stops the others, whose own errors are only echoes).
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                print(f"rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err}", file=sys.stderr,
+                      flush=True)
+            raise
 
     return main

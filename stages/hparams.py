@@ -182,6 +182,12 @@ class RunArguments:
         default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
     )
     plot_loss: bool = field(default=False, metadata={"help": "Write loss curves as PNG into output_dir."})
+    nan_policy: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "On a NaN/inf training loss: `stop` the run (exit 1; the checkpoints saved so far are "
+                          "kept, the final model is not written) or `skip` the micro-batch (it adds no gradient and is "
+                          "logged as loss 0; `skipped_batches` in the log counts them)."},
+    )
     wandb_group: str | None = field(
         default=None, metadata={"help": "W&B group: give the stages of one pipeline the same group."}
     )

@@ -14,7 +14,7 @@ from .errors import main_guard
 
 
 def run_pt(argv: list[str] | None = None) -> None:
-    from transformers import Seq2SeqTrainingArguments, Trainer, default_data_collator
+    from transformers import Seq2SeqTrainingArguments, default_data_collator
 
     from .callbacks import JsonlLogCallback, init_wandb
     from .common import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
@@ -23,6 +23,7 @@ def run_pt(argv: list[str] | None = None) -> None:
     from .deepspeed_utils import zero_stage
     from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .trainers import StageTrainer
 
     # 1. arguments: file + overrides, validated before anything heavy is loaded
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(
@@ -44,9 +45,10 @@ def run_pt(argv: list[str] | None = None) -> None:
 
     # 4. trainer: blocks are already of equal length, so no padding is needed
     init_wandb("pt", training_args, run_args, config)
-    trainer = Trainer(model=model, args=training_args, data_collator=default_data_collator,
-                      train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
-                      processing_class=tokenizer, callbacks=[JsonlLogCallback()])
+    trainer = StageTrainer(model=model, args=training_args, data_collator=default_data_collator,
+                                train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
+                                processing_class=tokenizer, callbacks=[JsonlLogCallback()],
+                                nan_policy=run_args.nan_policy)
 
     # 5. train, save, evaluate
     if training_args.do_train:

@@ -82,7 +82,7 @@ def run_rm(argv: list[str] | None = None) -> None:
     trainer = PairwiseTrainer(model=model, args=training_args, data_collator=PairwiseCollator(tokenizer.pad_token_id),
                               train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
                               processing_class=tokenizer, compute_metrics=pairwise_metrics,
-                              callbacks=[JsonlLogCallback()])
+                              callbacks=[JsonlLogCallback()], nan_policy=run_args.nan_policy)
 
     # 5. train, save
     if training_args.do_train:

@@ -84,7 +84,8 @@ def run_sft(argv: list[str] | None = None) -> None:
     init_wandb("sft", training_args, run_args, config)
     trainer = SupervisedTrainer(model=model, args=training_args, data_collator=collator,
                                 train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
-                                processing_class=tokenizer, callbacks=[JsonlLogCallback()])
+                                processing_class=tokenizer, callbacks=[JsonlLogCallback()],
+                                nan_policy=run_args.nan_policy)
 
     # 5. train, save
     if training_args.do_train:

@@ -6,11 +6,102 @@ bitsandbytes (seconds): `import stages.sft` stays light, and `run_sft` imports t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import Seq2SeqTrainer, Trainer
 
+logger = logging.getLogger(__name__)
 
-class SupervisedTrainer(Seq2SeqTrainer):
+
+STAGING_DIR = ".saving"  # under output_dir: checkpoints being written (never a resume candidate)
+
+
+class StageTrainer(Trainer):
+    """The Trainer of the HF stages: never steps on a NaN/inf loss; checkpoints appear whole.
+
+    Checkpoints are written under `output_dir/.saving/` and renamed to `checkpoint-N` once every
+    rank has finished writing, so a crash while saving leaves no half-written `checkpoint-N`
+    (the previous one stays the last, and `--resume_from_checkpoint last` takes it).
+
+    `nan_policy="stop"` raises `RunStopped` before the backward pass, so the weights, the
+    optimizer and every checkpoint already saved stay as they were; `"skip"` replaces the
+    micro-batch's loss by a zero that still reaches every trainable parameter (each rank then
+    runs the same backward and gradient reduction) and counts it.
+    """
+
+    def __init__(self, *args, nan_policy: str = "stop", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_policy = nan_policy
+        self.skipped_batches = 0
+
+    def model_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The stage's loss (a subclass's override point); Trainer's by default."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self.model_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if not model.training or bool(torch.isfinite(loss.detach()).all()):
+            return result
+        step = self.state.global_step + 1
+        if self.nan_policy == "stop":
+            from transformers.trainer_callback import ProgressCallback
+
+            from .errors import RunStopped
+
+            for callback in self.callback_handler.callbacks:  # the bar's last line before the message
+                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                    callback.training_bar.close()
+            raise RunStopped(f"the training loss is {loss.detach().float().mean().item()} at step {step}; nothing "
+                             f"of this step was applied and the checkpoints in {self.args.output_dir} are intact. "
+                             f"Lower --learning_rate (or use --bf16 instead of --fp16) and resume with "
+                             f"--resume_from_checkpoint last, or pass --nan_policy skip to drop such batches.")
+        self.skipped_batches += 1
+        logger.warning("non-finite loss at step %d: micro-batch skipped (%d so far)", step, self.skipped_batches)
+        zero = sum((param * 0).sum() for param in model.parameters() if param.requires_grad)
+        return (zero, result[1]) if return_outputs else zero
+
+    def _save_checkpoint(self, model, trial) -> None:
+        import contextlib
+        import os
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that crashed
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging_root  # Trainer writes (and rotates) there
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.state.best_model_checkpoint == staging:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank's shards are in staging
+        if self.args.should_save:
+            if os.path.isdir(final):  # a checkpoint of this step from before a resume: replaced whole
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            with contextlib.suppress(OSError):  # empty now, unless another save is under way
+                os.rmdir(staging_root)
+        self.accelerator.wait_for_everyone()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.skipped_batches:
+            logs["skipped_batches"] = self.skipped_batches
+        super().log(logs, *args, **kwargs)
+
+
+class SupervisedTrainer(StageTrainer, Seq2SeqTrainer):
     """Seq2SeqTrainer for decoder-only models: generate from the prompt alone, return only new tokens."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
@@ -23,7 +114,7 @@ class SupervisedTrainer(Seq2SeqTrainer):
         return None, generated, labels
 
 
-class PairwiseTrainer(Trainer):
+class PairwiseTrainer(StageTrainer):
     """Reward-model trainer: loss -log sigmoid(r_chosen - r_rejected) over the pairs of a batch.
 
     r is the value head's score at each row's last real token: the one-label sequence
@@ -36,7 +127,7 @@ class PairwiseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs, scaled for accumulation here
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def model_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scores = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         chosen, rejected = scores.squeeze(-1).float().chunk(2)
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
