@@ -28,15 +28,12 @@ class CurrentStderrHandler(logging.StreamHandler):
     process (tests, notebooks) after stderr was swapped would write to a closed file.
     """
 
-    def __init__(self) -> None:
-        logging.Handler.__init__(self)
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.setStream; the stream is always sys.stderr
+    def stream(self, value) -> None:  # StreamHandler's __init__/setStream: the stream is always sys.stderr
         pass
 
 

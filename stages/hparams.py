@@ -184,7 +184,7 @@ class RunArguments:
     plot_loss: bool = field(default=False, metadata={"help": "Write loss curves as PNG into output_dir."})
     nan_policy: Literal["stop", "skip"] = field(
         default="stop",
-        metadata={"help": "On a NaN/inf training loss: `stop` the run (exit 1; the checkpoints saved so far are "
+        metadata={"help": "pt, sft, rm: on a NaN/inf training loss, `stop` the run (exit 1; the checkpoints saved so far are "
                           "kept, the final model is not written) or `skip` the micro-batch (it adds no gradient and is "
                           "logged as loss 0; `skipped_batches` in the log counts them)."},
     )
@@ -226,7 +226,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
     """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
 
-    Unknown keys (in the file or on the command line) raise a `UserError` naming them.
+    Unknown keys (in the file or on the command line) raise a `UserError` naming them. Once the
+    arguments are valid, logging is set up (`common.setup_logging`) for the stage that asked.
     """
     import sys
 

@@ -46,9 +46,8 @@ def run_pt(argv: list[str] | None = None) -> None:
     # 4. trainer: blocks are already of equal length, so no padding is needed
     init_wandb("pt", training_args, run_args, config)
     trainer = StageTrainer(model=model, args=training_args, data_collator=default_data_collator,
-                                train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
-                                processing_class=tokenizer, callbacks=[JsonlLogCallback()],
-                                nan_policy=run_args.nan_policy)
+                           train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
+                           processing_class=tokenizer, callbacks=[JsonlLogCallback()], nan_policy=run_args.nan_policy)
 
     # 5. train, save, evaluate
     if training_args.do_train:

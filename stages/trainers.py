@@ -6,10 +6,17 @@ bitsandbytes (seconds): `import stages.sft` stays light, and `run_sft` imports t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .errors import RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +53,6 @@ class StageTrainer(Trainer):
             return result
         step = self.state.global_step + 1
         if self.nan_policy == "stop":
-            from transformers.trainer_callback import ProgressCallback
-
-            from .errors import RunStopped
-
             for callback in self.callback_handler.callbacks:  # the bar's last line before the message
                 if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
                     callback.training_bar.close()
@@ -63,12 +66,6 @@ class StageTrainer(Trainer):
         return (zero, result[1]) if return_outputs else zero
 
     def _save_checkpoint(self, model, trial) -> None:
-        import contextlib
-        import os
-        import shutil
-
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
         run_dir = self._get_output_dir(trial=trial)
         staging_root = os.path.join(run_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

@@ -58,6 +58,14 @@ def test_bad_nan_policy_is_a_user_error(tiny_model, demo_data, tmp_path):
     assert "--nan_policy" in result.stderr and "stop" in result.stderr and "skip" in result.stderr
 
 
+def pythonpath_with_hook(tmp_path, source: str) -> str:
+    """A PYTHONPATH whose first folder holds `source` as sitecustomize.py (run first by every process)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(source)
+    return f"{hook}:{stage_env()['PYTHONPATH']}"
+
+
 FAIL_ON_RANK_1 = '''
 import os
 
@@ -82,14 +90,11 @@ def test_one_rank_failing_stops_the_job_in_bounded_time(tiny_model, demo_data, t
 
     from conftest import launch
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
     start = time.monotonic()
     result = launch("sft", "--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
                     "--output_dir", tmp_path / "run", "--do_train", "--max_steps", "200", "--save_steps", "1000",
                     "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--report_to", "none", check=False,
-                    timeout=600, PYTHONPATH=f"{hook}:{stage_env()['PYTHONPATH']}")
+                    timeout=600, PYTHONPATH=pythonpath_with_hook(tmp_path, FAIL_ON_RANK_1))
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "rank 1 failed: RuntimeError: injected failure on rank 1" in result.stderr + result.stdout
@@ -124,9 +129,6 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
     args = ["--model_name_or_path", tiny_model, "--dataset", DATASETS[stage], "--dataset_dir", demo_data,
             "--do_train", "--finetuning_type", "full", "--max_steps", "4", "--save_steps", "1",
             "--learning_rate", "1e-3", "--per_device_train_batch_size", "4", "--cutoff_len", "64",
@@ -136,7 +138,8 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
 
     out = tmp_path / "killed"
     killed = run_stage(stage, *args, "--output_dir", out, check=False,
-                       env={**env, "KILL_AT_SAVE_OF_STEP": "2", "PYTHONPATH": f"{hook}:{env['PYTHONPATH']}"})
+                       env={**env, "KILL_AT_SAVE_OF_STEP": "2",
+                            "PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_DURING_SAVE)})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert (out / ".saving" / "checkpoint-2" / "model.safetensors").exists()  # the half-written one, aside
