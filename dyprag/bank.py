@@ -60,11 +60,32 @@ def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
 def _read_index(path: Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
         raise LoraBankError(f"LoRA bank index {path} cannot be read ({err}); re-run the encode stage.") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise LoraBankError(f"{path} is not a LoRA bank index (format {FORMAT!r}).")
     return index
+
+
+def _check_shard(file: Path, info: dict[str, Any], verify: bool = True) -> None:
+    """A shard file against its index entry: present, of the indexed size, and (with `verify`) sha256."""
+    if not file.is_file():
+        raise LoraBankError(f"LoRA bank shard {file} is missing; re-run the encode stage.")
+    if file.stat().st_size != info["bytes"]:
+        raise LoraBankError(f"LoRA bank shard {file} is truncated or corrupt ({file.stat().st_size} bytes, "
+                            f"the index says {info['bytes']}); re-run the encode stage.")
+    if verify and _sha256(file) != info["sha256"]:
+        raise LoraBankError(f"LoRA bank shard {file} is corrupt (sha256 differs from the index); re-run the "
+                            f"encode stage.")
+
+
+def check_shards(path: str | os.PathLike) -> None:
+    """Check every shard of a bank folder, its index.json and part indexes alike (size and sha256)."""
+    folder = Path(path)
+    for index_path in [folder / INDEX_FILE, *part_indexes(folder)]:
+        if index_path.is_file():
+            for name, info in _read_index(index_path)["shards"].items():
+                _check_shard(folder / name, info)
 
 
 class LoraBankWriter:
@@ -226,21 +247,18 @@ class LoraBank:
     def __contains__(self, passage_id: str) -> bool:
         return passage_id in self.index["passages"]
 
+    def check(self, ids: Sequence[str]) -> None:
+        """Open (and so check) every shard holding `ids` now, so a corrupt one fails before any work is done."""
+        for name in sorted({self.index["passages"][pid][0] for pid in ids if pid in self.index["passages"]}):
+            self._shard(name)
+
     def _shard(self, name: str) -> dict[str, torch.Tensor]:
         """Memory-mapped tensors of one shard (opened and checked once)."""
         if name not in self._shards:
             from safetensors import SafetensorError, safe_open
 
             file = self.path / name
-            info = self.index["shards"][name]
-            if not file.is_file():
-                raise LoraBankError(f"LoRA bank shard {file} is missing; re-run the encode stage.")
-            if file.stat().st_size != info["bytes"]:
-                raise LoraBankError(f"LoRA bank shard {file} is truncated or corrupt ({file.stat().st_size} bytes, "
-                                    f"the index says {info['bytes']}); re-run the encode stage.")
-            if self.verify and _sha256(file) != info["sha256"]:
-                raise LoraBankError(f"LoRA bank shard {file} is corrupt (sha256 differs from the index); re-run the "
-                                    f"encode stage.")
+            _check_shard(file, self.index["shards"][name], self.verify)
             try:
                 with safe_open(str(file), framework="pt") as handle:  # tensors stay backed by the mmap
                     self._shards[name] = {key: handle.get_tensor(key) for key in handle.keys()}

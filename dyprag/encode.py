@@ -15,6 +15,10 @@ the first ceil(n/2) pairs gives two texts, the QA prompt with the passage in con
 the rewrite in context; each remaining pair gives the QA prompt without passages. A text is
 the chat-rendered prompt plus "The answer is <answer>." and the loss covers all its tokens.
 A passage without augmentation trains on its own text (and its rewrite when there is one).
+
+A passage whose loss becomes NaN/inf stops training there (no more rows, no more updates) and
+is reported in `EncodedBatch.finite`; its rows take no part in the backward pass, so the other
+passages of the batch train exactly as they would without it.
 """
 
 from __future__ import annotations
@@ -127,7 +131,8 @@ class BatchedAdamW:
 @dataclass
 class EncodedBatch:
     weights: LoraWeights  # [P, r, in] / [P, out, r], fp32, detached
-    epoch_loss: torch.Tensor  # [P, num_epochs]: each passage's mean text loss per epoch
+    epoch_loss: torch.Tensor  # [P, num_epochs]: each passage's mean text loss per epoch (NaN where not finite)
+    finite: torch.Tensor  # [P] bool: the loss stayed finite; the other rows of `weights` must not be used
 
 
 def _row_losses(model: nn.Module, rows: list[Text], pad_token_id: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +161,8 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
     Step s of passage p uses its minibatch s mod ceil(n_p / texts_per_step) (no shuffling, as
     the original's DataLoader); a passage stops after num_epochs passes over its texts. Each
     passage's loss is the mean over the tokens of its own minibatch (HF's causal LM loss), and
-    the batch loss is their sum. `model` is frozen and may be in bf16; A/B train in fp32.
+    the batch loss is their sum. `model` is frozen and may be in bf16; A/B train in fp32. A
+    passage whose loss turns NaN/inf stops there and is marked in `finite` (module docstring).
     """
     if any(len(t) == 0 for t in texts):
         raise ValueError("every passage needs at least one training text")
@@ -170,8 +176,11 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
     minibatches = [[list(t[i:i + size]) for i in range(0, len(t), size)] for t in texts]
     steps = [config.num_epochs * len(mb) for mb in minibatches]
     loss_sums = torch.zeros(count, config.num_epochs, dtype=torch.float64)
+    finite = torch.ones(count, dtype=torch.bool)
     for step in range(max(steps)):
-        active = [p for p in range(count) if step < steps[p]]
+        active = [p for p in range(count) if step < steps[p] and finite[p]]
+        if not active:  # every passage left has diverged
+            break
         # Rows of this step: every text of each active passage's current minibatch.
         rows, owners = [], []
         for p in active:
@@ -188,13 +197,20 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
             with inject_lora(model, weights, spec.scaling):
                 row_loss = _row_losses(model, [rows[i] for i in chunk], pad_token_id, device)
             per_row = row_loss / tokens.to(device).index_select(0, owner).clamp(min=1)
-            per_row.sum().backward()
-            for value, p in zip(per_row.detach().double().cpu().tolist(), owner.tolist()):
+            values, owned = per_row.detach().double().cpu(), owner.cpu()
+            finite[owned[~values.isfinite()]] = False
+            kept = finite[owned]  # every row of a diverged passage leaves the loss, this chunk's included
+            if kept.any():
+                per_row[kept.to(device)].sum().backward()
+            for value, p in zip(values[kept].tolist(), owned[kept].tolist()):
                 loss_sums[p, step // len(minibatches[p])] += value
-        optimizer.step(step + 1, None if len(active) == count else torch.tensor(active, device=device))
+        active = [p for p in active if finite[p]]
+        if active:
+            optimizer.step(step + 1, None if len(active) == count else torch.tensor(active, device=device))
     epoch_loss = loss_sums / torch.tensor([len(mb) for mb in minibatches], dtype=torch.float64)[:, None]
+    epoch_loss[~finite] = float("nan")
     weights = {name: (a.detach(), b.detach()) for name, (a, b) in leaves.items()}
-    return EncodedBatch(weights, epoch_loss.float())
+    return EncodedBatch(weights, epoch_loss.float(), finite)
 
 
 def _chunks(items: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:

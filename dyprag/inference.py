@@ -101,6 +101,10 @@ class BankLoras:
         have = set(self.bank.passage_ids)
         return [pid for record in records for pid in self.passage_ids(record, self.top_k) if pid not in have]
 
+    def check(self, records: Iterable[dict[str, Any]]) -> None:
+        """Open every bank shard the records need (checked against the index): a corrupt one fails before answering."""
+        self.bank.check([pid for record in records for pid in self.passage_ids(record, self.top_k)])
+
     def __call__(self, records: Sequence[dict[str, Any]]) -> LoraWeights:
         from .lora import combine_sum, select
 
@@ -177,8 +181,10 @@ def answer_questions(model: Any, tokenizer: Any, records: Sequence[dict[str, Any
     if method.lora is not None:
         from .lora import inject_lora
 
-        def before_batch(indices: list[int]):
+        def inject(indices: list[int]):
             return inject_lora(model, lora([records[i] for i in indices]), lora.scaling)
+
+        before_batch = inject
 
     generations = generate_batched(model, tokenizer, prompts, batch_size,
                                    {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1},

@@ -46,16 +46,30 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not file.is_file():
         raise RecordError(f"record file {path} does not exist; pass a JSON list of PRAG records or a .txt of "
                           f"questions.")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(f"record file {path} is not UTF-8 text (byte {err.start}); pass the JSON / .txt file "
+                          f"itself, saved as UTF-8.") from None
     if file.suffix == ".txt":
         questions = [line.strip() for line in text.splitlines() if line.strip()]
         return [{"test_id": i, "question": q, "answer": []} for i, q in enumerate(questions)]
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise RecordError(f"record file {path} is not valid JSON/JSON lines ({err.msg} at line {err.lineno}).") \
-            from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"record file {path} line {err.lineno} is not valid JSON ({err.msg}); fix it or "
+                              f"regenerate the file.") from None
+    else:  # JSON lines: the error names the line of the file, not of the record
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RecordError(f"record file {path} line {number} is not valid JSON ({err.msg}); a JSON lines "
+                                  f"file holds one record per line.") from None
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str):
             raise RecordError(f"record {index} of {path} has no string 'question'; every record needs one.")

@@ -53,13 +53,22 @@ def _count_lines(path: Path) -> int:
 
 
 def read_corpus(path: str | Path) -> Iterator[dict[str, str]]:
-    """Yield {id, title, text} per passage of a .jsonl or .tsv corpus (see the module doc)."""
+    """{id, title, text} per passage of a .jsonl or .tsv corpus (see the module doc); a missing file fails now."""
     file = Path(path)
     if not file.is_file():
         raise CorpusError(f"corpus {path} does not exist; pass a .jsonl (id/title/text) or DPR-style .tsv file.")
-    if file.suffix == ".tsv":
-        yield from _read_tsv(file)
-        return
+    return _utf8(_read_tsv(file) if file.suffix == ".tsv" else _read_jsonl(file), file)
+
+
+def _utf8(rows: Iterator[dict[str, str]], file: Path) -> Iterator[dict[str, str]]:
+    try:
+        yield from rows
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus {file} is not UTF-8 text; pass the .jsonl / .tsv file itself (uncompressed), "
+                          f"saved as UTF-8.") from None
+
+
+def _read_jsonl(file: Path) -> Iterator[dict[str, str]]:
     with file.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -67,10 +76,10 @@ def read_corpus(path: str | Path) -> Iterator[dict[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CorpusError(f"{path} line {number} is not JSON ({err.msg}); a .jsonl corpus holds one "
+                raise CorpusError(f"{file} line {number} is not JSON ({err.msg}); a .jsonl corpus holds one "
                                   f"{{id, title, text}} object per line.") from None
             if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("text"), str):
-                raise CorpusError(f"{path} line {number} needs 'id' and a string 'text' (and optionally 'title').")
+                raise CorpusError(f"{file} line {number} needs 'id' and a string 'text' (and optionally 'title').")
             yield {"id": str(row["id"]), "title": str(row.get("title") or ""), "text": row["text"]}
 
 
@@ -108,14 +117,15 @@ class BM25Index:
 
     @classmethod
     def build(cls, passages: Iterable[dict[str, str]], k1: float = 1.5, b: float = 0.75,
-              show_progress: bool = True, total: int | None = None) -> BM25Index:
+              show_progress: bool = True, total: int | None = None, source: str = "the corpus") -> BM25Index:
         """Index passages ({id, title, text}); progress bars for reading, tokenising and indexing."""
         import bm25s
         from tqdm.auto import tqdm
 
         docs = list(tqdm(passages, total=total, desc="reading passages", unit="psg", disable=not show_progress))
         if not docs:
-            raise CorpusError("the corpus holds no passages; nothing to index.")
+            raise CorpusError(f"{source} holds no passages, so there is nothing to index; give a corpus with at "
+                              f"least one.")
         tokens = _tokenize([f"{d['title']} {d['text']}".strip() for d in docs], show_progress)
         retriever = bm25s.BM25(k1=k1, b=b)
         retriever.index(tokens, show_progress=show_progress)
@@ -124,7 +134,8 @@ class BM25Index:
     @classmethod
     def from_corpus_file(cls, path: str | Path, show_progress: bool = True, **kwargs: float) -> BM25Index:
         total = _count_lines(Path(path)) if show_progress and Path(path).is_file() else None
-        return cls.build(read_corpus(path), show_progress=show_progress, total=total, **kwargs)
+        return cls.build(read_corpus(path), show_progress=show_progress, total=total, source=f"corpus {path}",
+                         **kwargs)
 
     def save(self, index_dir: str | Path) -> None:
         out = Path(index_dir)

@@ -177,14 +177,29 @@ def save_translator(translator: ParameterTranslator, out_dir: str | os.PathLike,
     return out
 
 
+class TranslatorError(ValueError):
+    """A translator folder that is missing, truncated or corrupt; the message names the file."""
+
+
 def load_translator(folder: str | os.PathLike, device: torch.device | str | None = None) -> ParameterTranslator:
     """A saved translator (fp32, eval mode, no gradients) from its folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = TranslatorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    try:
+        config = TranslatorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TranslatorError(f"translator config {folder / CONFIG_FILE} cannot be read ({err}); point at a "
+                              f"stages.projector output_dir or one of its checkpoint-N folders.") from None
     translator = ParameterTranslator(config)
-    translator.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    try:
+        translator.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: tensors of another translator
+        first = str(err).strip().splitlines()[0]
+        raise TranslatorError(f"translator weights {folder / WEIGHTS_FILE} are missing, truncated or corrupt "
+                              f"({first}); train the translator again (python -m stages.projector) or use another "
+                              f"checkpoint-N folder.") from None
     return translator.to(device).eval().requires_grad_(False)
 
 

@@ -110,7 +110,9 @@ def run_augment(argv: list[str] | None = None) -> None:
     finetuning_args = FinetuningArguments()  # inference only: adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:
-        raise UserError("augment runs data parallel (each rank holds the whole model); use a ZeRO-0/2 config.")
+        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which augment cannot use: it generates data "
+                        f"parallel (each rank holds the whole model); use a ZeRO-0/2 config such as "
+                        f"ds_configs/zero2.json.")
     rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under DeepSpeed
     out = check_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
     config = resolved_config(STAGE, model_args, aug_args, training_args, run_args)
@@ -123,7 +125,8 @@ def run_augment(argv: list[str] | None = None) -> None:
     except RecordError as err:
         raise UserError(f"--input_file: {err}") from None
     if not records:
-        raise UserError(f"--input_file {aug_args.input_file} holds no questions.")
+        raise UserError(f"--input_file {aug_args.input_file} holds no questions; pass PRAG records with a 'question' "
+                        f"(JSON list or JSON lines) or a .txt with one question a line.")
     passages, passage_ids = candidate_passages(records, aug_args)
 
     # 3. the augmenting LLM, batched generation

@@ -75,6 +75,8 @@ def prepare_output_dir(training_args, run_args) -> None:
     elif resume and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder; give a checkpoint-N path "
                         f"or 'last'.")
+    if training_args.resume_from_checkpoint:
+        check_checkpoint_files(Path(training_args.resume_from_checkpoint))
     # Only global rank 0 judges: the other ranks may look after rank 0 has written its first
     # files (run_config.json) and would take them for an old run. If rank 0 refuses, the
     # launcher stops every rank. A folder holding only our run_config.json is an attempt that
@@ -85,6 +87,24 @@ def prepare_output_dir(training_args, run_args) -> None:
         raise UserError(f"--output_dir {output_dir} already holds a run; pick a new folder, add "
                         f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir to write over it.")
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Refuse a checkpoint whose safetensors files are truncated or corrupt (header against file size) or
+    whose JSON files do not parse, before anything is loaded; the message names the file."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):  # reads the header only; checks it covers the file
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (SafetensorError, OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--resume_from_checkpoint {folder}: {path} is truncated or corrupt ({reason}); resume "
+                            f"from an earlier checkpoint-N folder, or drop the flag to start anew.") from None
 
 
 def _secret(key: str) -> bool:
@@ -153,3 +173,42 @@ def train_and_save(trainer, training_args, run_args, plot_keys: tuple[str, ...] 
     trainer.save_state()
     if trainer.is_world_process_zero() and run_args.plot_loss:
         plot_loss(training_args.output_dir, keys=plot_keys)
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's random generators (torch, the accelerator's, numpy, Python) as one safetensors file."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    version, python_keys, python_gauss = random.getstate()
+    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+               "python": torch.tensor(python_keys, dtype=torch.int64)}
+    if torch.accelerator.is_available():
+        tensors["accelerator"] = torch.get_device_module().get_rng_state()
+    metadata = {"python": json.dumps([version, python_gauss]),
+                "numpy": json.dumps([numpy_name, int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)])}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def restore_rng_state(path: Path) -> None:
+    """Set this process's random generators to those `save_rng_state` wrote."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    torch.set_rng_state(tensors["torch"])
+    if "accelerator" in tensors and torch.accelerator.is_available():
+        torch.get_device_module().set_rng_state(tensors["accelerator"])
+    version, python_gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), python_gauss))
+    numpy_name, numpy_pos, numpy_has_gauss, numpy_gauss = json.loads(metadata["numpy"])
+    np.random.set_state((numpy_name, tensors["numpy"].numpy().astype(np.uint32), numpy_pos, numpy_has_gauss,
+                         numpy_gauss))

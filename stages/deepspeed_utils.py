@@ -27,7 +27,11 @@ def zero_stage(config: str | dict[str, Any] | None) -> int | None:
     values = read_ds_config(config)
     if values is None:
         return None
-    return int(values.get("zero_optimization", {}).get("stage", 0))
+    stage = values.get("zero_optimization", {}).get("stage", 0) if isinstance(values, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"--deepspeed {config}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}; fix the "
+                        f"config or use one of ds_configs/*.json.")
+    return stage
 
 
 def init_single_process_env() -> None:
@@ -49,3 +53,95 @@ def init_single_process_env() -> None:
                        "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
     # accelerate, seeing a distributed CPU run, would set this to the core count itself and warn.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+# ------------------------------------------------- whole tensors of a (ZeRO-partitioned) training run
+# Checkpoints of the stages that drive DeepSpeed (or torch) themselves hold whole tensors by
+# parameter name, so a run resumes on any number of ranks and nothing is pickled.
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state (torch AdamW and DeepSpeedCPUAdam)
+
+
+def without_round_robin_gradients(config: dict[str, Any]) -> None:
+    """Turn off ZeRO's round-robin gradient partitioning in a DeepSpeed config (in place).
+
+    deepspeed 0.19.8: with it, safe_get/set_full_fp32_param and safe_get/set_full_optimizer_state
+    address the wrong slices (two ranks, checked against ZeRO-0: training is right, the gathered
+    tensors are not), and the checkpoints here are built with them. The reordering only balances
+    offloaded gradient copies.
+    """
+    config.get("zero_optimization", {})["round_robin_gradients"] = False
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    # accelerate's AcceleratedOptimizer and ZeRO's wrapper keep the optimizer they wrap as .optimizer;
+    # the innermost is the torch optimizer (over ZeRO's flat fp32 partitions, or the parameters).
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _is_partitioned(param: Any) -> bool:
+    # ZeRO-1/2 link each parameter to its slice of a flat fp32 master (_hp_mapping; None on ranks without
+    # one); ZeRO-3 parameters carry a ds_id.
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
+
+
+def _trained(module: Any) -> list[tuple[str, Any]]:
+    return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+
+
+def gather_weights(module: Any) -> dict[str, Any]:
+    """Every trained parameter's fp32 (master) value, whole. All ranks must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(param) if _is_partitioned(param) else param.detach().float()
+            for name, param in _trained(module)}
+
+
+def gather_moments(module: Any, optimizer: Any) -> dict[str, Any]:
+    """Every trained parameter's Adam moments, whole ("<name>.exp_avg", ...), after at least one step."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    state = _torch_optimizer(optimizer).state
+    return {f"{name}.{key}": safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
+            else state[param][key] for name, param in _trained(module) for key in MOMENTS}
+
+
+def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: int) -> None:
+    """Put saved Adam moments (whole tensors) into a fresh run's optimizer, each rank its slice.
+
+    Adam creates its state lazily at the first step, so it is created here (zeros, the saved
+    step count) before the saved moments are written into it. The weights need nothing when
+    the module was given them before the optimizer (and ZeRO's fp32 master) was built.
+    """
+    import torch
+
+    base = _torch_optimizer(optimizer)
+    for group in base.param_groups:
+        for flat in group["params"]:
+            count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
+            base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    trained = _trained(module)
+    partitioned = any(_is_partitioned(param) for _, param in trained)
+    # ZeRO-1/2 link every parameter's slice to the state just created at their first step: done here.
+    zero = optimizer
+    while zero is not None and not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero = getattr(zero, "optimizer", None)
+    if partitioned and zero is not None:
+        zero._lazy_init_hp_params_optimizer_state()
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    for name, param in trained:
+        for key in MOMENTS:
+            value = moments[f"{name}.{key}"].to(param.device)
+            if partitioned:
+                safe_set_full_optimizer_state(param, value, key)
+            else:
+                base.state[param][key].copy_(value)
+
+
+def optimizer_step(optimizer: Any) -> int:
+    """How many updates the (innermost) Adam optimizer has made: its per-parameter step count."""
+    state = next(iter(_torch_optimizer(optimizer).state.values()), None)
+    return int(state["step"]) if state else 0

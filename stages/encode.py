@@ -15,7 +15,13 @@ Many passages train at once (`--passages_per_batch`), each with its own paramete
 optimizer state; the frozen model runs in the compute dtype (--bf16 on AMX CPUs and GPUs).
 Under the launcher the ranks split the passages (no optimizer to shard: each rank holds the
 frozen model) and write their own shards; rank 0 joins the indexes into one bank. A killed
-run continues with --resume (finished shards are kept).
+run continues with --resume (finished shards are kept; a shard is written under a temporary
+name and renamed whole, so the index never points at a half-written one).
+
+A passage whose loss becomes NaN/inf stops the run (--nan_policy stop: the passages of the
+earlier batches are written to the bank first, --resume continues) or is left out of the bank
+(--nan_policy skip: counted in the log and encode_summary.json; a --resume run tries it
+again). The other passages of its batch train exactly as they would without it.
 
 Output: BANK/index.json + shard-*.safetensors (dyprag.bank), BANK/init, run_config.json,
 trainer_log.jsonl (loss per batch of passages) and encode_summary.json.
@@ -34,7 +40,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .errors import UserError, main_guard
+from .errors import RunStopped, UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,9 @@ class EncodeArguments:
                                                             "(needs --fewshot_file), as the original's --with_cot."})
     fewshot_file: str | None = field(default=None, metadata={"help": "JSON list of {question, answer} examples for "
                                                                      "the chain-of-thought prompt."})
-    cutoff_len: int = field(default=3000, metadata={"help": "Tokens kept per training text (the original: 3000)."})
+    cutoff_len: int = field(default=3000, metadata={"help": "Tokens kept per training text: a longer text keeps its "
+                                                            "first cutoff_len tokens, and the log counts such texts "
+                                                            "(the original: 3000)."})
     passages_per_batch: int = field(default=32, metadata={"help": "Passages whose LoRAs train together in one "
                                                                   "batched forward/backward."})
     max_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per forward; a step with more "
@@ -142,9 +150,13 @@ def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, rank: int) -> 
 
 
 def _encoded_ids(out: Path) -> set[str]:
-    """Passage ids already in the bank: its index and the part indexes of an unfinished run."""
-    from dyprag.bank import INDEX_FILE, part_indexes
+    """Passage ids already in the bank: its index and the part indexes of an unfinished run (their shards checked)."""
+    from dyprag.bank import INDEX_FILE, LoraBankError, check_shards, part_indexes
 
+    try:
+        check_shards(out)  # a corrupt shard would otherwise be kept in the continued bank
+    except LoraBankError as err:
+        raise UserError(f"--resume: {err} Or replace the bank: --overwrite_output_dir instead of --resume.") from None
     ids: set[str] = set()
     for index_file in [out / INDEX_FILE, *part_indexes(out)]:
         if index_file.is_file():
@@ -166,7 +178,7 @@ def run_encode(argv: list[str] | None = None) -> None:
     from .deepspeed_utils import zero_stage
     from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
-    from .prag_eval import _read_fewshot, rank_share
+    from .prag_eval import _read_fewshot, gather_shares, rank_share
 
     # 1. arguments and checks
     model_args, enc_args, training_args, run_args = parse_args(
@@ -174,7 +186,9 @@ def run_encode(argv: list[str] | None = None) -> None:
     finetuning_args = FinetuningArguments()  # the base stays frozen; adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:
-        raise UserError("encode runs data parallel (each rank holds the frozen model); use a ZeRO-0/2 config.")
+        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which encode cannot use: it trains data "
+                        f"parallel (each rank holds the frozen model); use a ZeRO-0/2 config such as "
+                        f"ds_configs/zero2.json.")
     if training_args.num_train_epochs != int(training_args.num_train_epochs) or training_args.num_train_epochs < 1:
         raise UserError(f"--num_train_epochs must be a whole number >= 1, got {training_args.num_train_epochs}.")
     if not training_args.output_dir:
@@ -200,7 +214,8 @@ def run_encode(argv: list[str] | None = None) -> None:
         raise UserError(f"--input_file: {err}") from None
     passages = collect_passages(records, augment_name)
     if not passages:
-        raise UserError(f"--input_file {enc_args.input_file} holds no passages to encode.")
+        raise UserError(f"--input_file {enc_args.input_file} holds no passages to encode; give records with "
+                        f"'passages' (python -m stages.retrieve or stages.augment fills them).")
     bare = sum(1 for p in passages if not p.qas)
     if bare:
         logger.warning("%d of %d passages have no augmentation (QA pairs): they are trained on the passage text "
@@ -235,28 +250,49 @@ def run_encode(argv: list[str] | None = None) -> None:
     fewshot = _read_fewshot(enc_args.fewshot_file) if enc_args.with_cot else None
 
     # 4. train this rank's passages batch by batch, each finished batch straight into the bank
-    texts = [passage_texts(tokenizer, p.text, p.rewrite, p.qas, enc_args.with_cot, fewshot, enc_args.cutoff_len)
+    texts = [passage_texts(tokenizer, p.text, p.rewrite, p.qas, enc_args.with_cot, fewshot, max_length=sys.maxsize)
              for p in todo]
+    too_long = sum(len(text) > enc_args.cutoff_len for row in texts for text in row)
+    if too_long:
+        logger.warning("%d of %d training texts are longer than --cutoff_len %d tokens: each keeps its first %d.",
+                       too_long, sum(map(len, texts)), enc_args.cutoff_len, enc_args.cutoff_len)
+    texts = [[text[: enc_args.cutoff_len] for text in row] for row in texts]
     init_wandb(STAGE, training_args, run_args, config)
     start = time.time()
     writer = LoraBankWriter(out, spec, model_args.model_name_or_path, shard_size=enc_args.shard_size,
                             part=f"rank{rank:05d}")
     batches = plan_batches([sum(map(len, t)) for t in texts], enc_args.passages_per_batch)
+    skipped: list[str] = []  # passages whose loss became NaN/inf (--nan_policy skip)
     with tqdm(total=len(todo), desc="encode passages", unit="passage", disable=rank != 0) as progress:
         for number, batch in enumerate(batches, start=1):
             result = encode_batch(model, spec, init, [texts[i] for i in batch], recipe, tokenizer.pad_token_id)
+            failed = [todo[i].id for i, finite in zip(batch, result.finite.tolist()) if not finite]
+            if failed and run_args.nan_policy == "stop":
+                writer.flush()  # the passages of the earlier batches go into the bank: --resume keeps them
+                progress.close()  # the bar's last line before the message
+                raise RunStopped(f"the training loss of passage(s) {', '.join(failed)} became NaN/inf (batch "
+                                 f"{number}); nothing of this batch was written, the finished shards in {out} are "
+                                 f"kept and --resume continues from them. Lower --learning_rate and re-run with "
+                                 f"--resume, or pass --nan_policy skip to leave such passages out of the bank.")
             for row, i in enumerate(batch):
-                writer.add(todo[i].id, result.weights, row)
+                if result.finite[row]:
+                    writer.add(todo[i].id, result.weights, row)
+            if failed:
+                skipped += failed
+                logger.warning("non-finite training loss of passage(s) %s: left out of the bank (%d so far; a "
+                               "--resume run tries them again)", ", ".join(failed), len(skipped))
             progress.update(len(batch))
             if rank == 0:
-                _log(out, {"step": number, "passages": progress.n, "loss": result.epoch_loss[:, -1].mean().item(),
-                           "first_epoch_loss": result.epoch_loss[:, 0].mean().item(),
+                losses = result.epoch_loss[result.finite]  # the skipped passages' losses are NaN
+                _log(out, {"step": number, "passages": progress.n,
+                           **({"loss": losses[:, -1].mean().item(), "first_epoch_loss": losses[:, 0].mean().item()}
+                              if len(losses) else {}),
+                           **({"skipped_passages": len(skipped)} if skipped else {}),
                            "passages_per_second": progress.n / (time.time() - start)})
     writer.close()
 
     # 5. one bank: rank 0 joins every rank's index once all are written, then checks it is complete
-    if world > 1:
-        torch.distributed.barrier()
+    skipped = gather_shares(skipped, world)  # a collective: every rank has written its part by then
     if rank != 0:
         return
     merge_parts(out)
@@ -264,11 +300,12 @@ def run_encode(argv: list[str] | None = None) -> None:
         bank = LoraBank(out, verify=False)
     except LoraBankError as err:
         raise UserError(str(err)) from None
-    missing = [p.id for p in passages if p.id not in bank]
+    missing = [p.id for p in passages if p.id not in bank and p.id not in skipped]
     if missing:
         raise UserError(f"the bank in {out} lacks {len(missing)} passages (e.g. {missing[0]}); re-run with --resume.")
     elapsed = time.time() - start
-    summary = {"passages": len(bank), "encoded_now": len(passages) - len(done),
+    summary = {"passages": len(bank), "encoded_now": len(passages) - len(done) - len(skipped),
+               "skipped_passages": len(skipped), "skipped_passage_ids": skipped,
                "without_augmentation": bare, "augment_model_name": augment_name, "ranks": world,
                "seconds": round(elapsed, 2), "spec": spec.to_dict(), "recipe": {
                    "learning_rate": recipe.learning_rate, "num_epochs": recipe.num_epochs,

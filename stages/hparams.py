@@ -76,7 +76,14 @@ class DataArguments:
         metadata={"help": "Prompt template name (default, alpaca, vicuna, chatml, llama3, empty) or auto: "
                           "the tokenizer's own chat template. None means auto."},
     )
-    cutoff_len: int = field(default=1024, metadata={"help": "Maximum tokens per sample after tokenization."})
+    cutoff_len: int = field(
+        default=1024,
+        metadata={"help": "Maximum tokens per model row. pt: the texts are joined and cut into blocks of this length "
+                          "(a last partial block is dropped); sft, rm: a longer conversation is cut turn by turn (the "
+                          "turn that does not fit loses tokens from its prompt and answer in proportion, later turns "
+                          "are dropped); ppo and generation prompts keep their last cutoff_len tokens. The log counts "
+                          "the rows read, kept and cut."},
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Keep at most this many rows per dataset."})
     val_size: float = field(
         default=0.0, metadata={"help": "Held-out evaluation split: a fraction in (0, 1) or a row count (>= 1)."}
@@ -184,9 +191,12 @@ class RunArguments:
     plot_loss: bool = field(default=False, metadata={"help": "Write loss curves as PNG into output_dir."})
     nan_policy: Literal["stop", "skip"] = field(
         default="stop",
-        metadata={"help": "pt, sft, rm: on a NaN/inf training loss, `stop` the run (exit 1; the checkpoints saved so far are "
-                          "kept, the final model is not written) or `skip` the micro-batch (it adds no gradient and is "
-                          "logged as loss 0; `skipped_batches` in the log counts them)."},
+        metadata={"help": "On a NaN/inf training loss, `stop` the run (exit 1; the checkpoints saved so far are kept, "
+                          "the final model is not written) or `skip`. pt, sft, rm, ppo, projector: `skip` drops the "
+                          "micro-batch (it adds no gradient and is logged as loss 0; `skipped_batches` in the log "
+                          "counts them). encode: `stop` keeps the finished shards for --resume; `skip` leaves the "
+                          "passage out of the bank (`skipped_passages` in the log and encode_summary.json; --resume "
+                          "tries it again)."},
     )
     wandb_group: str | None = field(
         default=None, metadata={"help": "W&B group: give the stages of one pipeline the same group."}
@@ -204,9 +214,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict (the base values of a run)."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing .yaml/.json file or only --key value flags.")
-    text = file.read_text(encoding="utf-8")
+        raise UserError(f"config file {path} does not exist; pass an existing .yaml/.json file or only --key value "
+                        f"flags.")
     try:
+        text = file.read_text(encoding="utf-8")
         if file.suffix == ".json":
             values = json.loads(text)
         else:

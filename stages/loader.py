@@ -55,10 +55,28 @@ def check_model_args(model_args: ModelArguments, finetuning_args: FinetuningArgu
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"--model_name_or_path {path} holds no config.json; point it at a saved model "
                             f"(a folder written by save_pretrained).")
+        _check_causal_lm(path)
     for adapter in model_args.adapters:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter_name_or_path {adapter} holds no adapter_config.json; point it at a LoRA "
                             f"adapter folder (an earlier stage's output_dir).")
+
+
+def _check_causal_lm(path: str) -> None:
+    """Refuse a saved model whose config.json names a known architecture without a causal-LM head (e.g. T5, BERT)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        model_type, remote = config.get("model_type"), "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    except (OSError, ValueError, AttributeError) as err:  # AttributeError: JSON, but not an object
+        raise UserError(f"--model_name_or_path {path}: config.json cannot be read ({err}); point it at a saved "
+                        f"model.") from None
+    if model_type in CONFIG_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        architectures = ", ".join(config.get("architectures") or []) or model_type
+        raise UserError(f"--model_name_or_path {path} holds a {model_type} model ({architectures}), not a causal LM; "
+                        f"point it at a decoder-only model (e.g. Llama, Qwen) or an earlier stage's output_dir.")
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:

@@ -15,6 +15,11 @@ ignored). One PPO update = one batch of per_device_train_batch_size x gradient_a
 prompts per rank: generate, score, then `ppo_epochs` passes over it in `num_mini_batches`
 mini-batches. Run length: `--max_steps` updates, or `--num_train_epochs` passes over the prompts.
 
+Checkpoints (`--save_steps` updates) hold the policy like an sft output plus the trained value
+model, Adam moments, scheduler and every rank's random generators (stages/ppo_trainer.py), so
+`--resume_from_checkpoint last` continues a killed run exactly, on the same ranks and batch sizes.
+A NaN/inf PPO loss stops the run (or, with `--nan_policy skip`, adds no gradient and is counted).
+
 The trained policy is saved like an sft output (adapter folder or full model + tokenizer). A
 LoRA policy trained on top of an sft adapter is relative to it: pass both to later stages,
 `--adapter_name_or_path SFT_OUT,PPO_OUT` (sft --do_predict, export).
@@ -129,8 +134,11 @@ def deepspeed_to_accelerate(training_args, model, num_updates: int) -> None:
     resolved the "auto" batch sizes, clipping and precision already; the model-size "auto"
     values are filled here, and the concrete config is written to output_dir for every rank.
     """
+    from .deepspeed_utils import without_round_robin_gradients
+
     ds_config = training_args.hf_deepspeed_config
     ds_config.trainer_config_finalize(training_args, model, num_updates)
+    without_round_robin_gradients(ds_config.config)  # checkpoints gather whole tensors
     if "optimizer" in ds_config.config or "scheduler" in ds_config.config:
         raise UserError(f"--deepspeed {training_args.deepspeed}: ppo builds its own optimizer and scheduler; remove "
                         f"the optimizer/scheduler sections (or use ds_configs/*.json).")
@@ -143,6 +151,9 @@ def deepspeed_to_accelerate(training_args, model, num_updates: int) -> None:
 
 
 def run_ppo(argv: list[str] | None = None) -> None:
+    # TRL warns at import that trl.experimental is experimental (the docstring says so): noise before every
+    # log line and error of this stage.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from transformers import TrainingArguments, set_seed
     from trl.experimental.ppo import PPOConfig
@@ -155,7 +166,7 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from .deepspeed_utils import zero_stage
     from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .ppo_trainer import PolicyTrainer
+    from .ppo_trainer import PolicyTrainer, check_checkpoint
 
     # 1. arguments: the policy's model args, the reward model's (inherited from the rm output)
     model_args, data_args, training_args, finetuning_args, ppo_args, run_args = parse_args(
@@ -163,9 +174,6 @@ def run_ppo(argv: list[str] | None = None) -> None:
         "ppo")
     stage = zero_stage(training_args.deepspeed)
     check_model_args(model_args, finetuning_args, stage)
-    if training_args.resume_from_checkpoint:
-        raise UserError("ppo cannot resume (TRL's PPO trainer keeps no optimizer state); drop "
-                        "--resume_from_checkpoint and start from the policy in a checkpoint-N folder instead.")
     if model_args.quantization_bit is not None and model_args.adapters:
         raise UserError("a quantized policy cannot merge its sft adapter under the PPO adapter; export the sft model "
                         "first (python -m stages.export) and pass it as --model_name_or_path.")
@@ -184,10 +192,16 @@ def run_ppo(argv: list[str] | None = None) -> None:
     encode = partial(prompt_only, tokenizer=tokenizer, template=template, cutoff_len=data_args.cutoff_len)
     dataset_module = get_dataset(data_args, training_args, encode, ranking=False)
     prepare_output_dir(training_args, run_args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if training_args.resume_from_checkpoint:  # checked before any model is loaded
+        check_checkpoint(Path(training_args.resume_from_checkpoint), world_size)
     config = resolved_config("ppo", model_args, data_args, training_args, finetuning_args, ppo_args, run_args)
     save_config(training_args.output_dir, config)
     train_prompts = dataset_module.train_dataset.remove_columns("labels")  # the reference answers are unused
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batch_size = rollouts * world_size
+    if len(train_prompts) < batch_size:  # TRL would wait forever for a first whole batch
+        raise UserError(f"{len(train_prompts)} training prompts fill no update of {batch_size} (per_device_train_batch_"
+                        f"size x gradient_accumulation_steps x {world_size} ranks); add prompts or lower those flags.")
     sample_prompts = (dataset_module.eval_dataset.remove_columns("labels") if dataset_module.eval_dataset is not None
                       else train_prompts.select(range(min(len(train_prompts),
                                                           training_args.per_device_eval_batch_size * world_size))))
@@ -217,7 +231,6 @@ def run_ppo(argv: list[str] | None = None) -> None:
         reward.score = torch.nn.Sequential(reward.score, torch.nn.Hardtanh(-ppo_args.reward_clip, ppo_args.reward_clip))
 
     # 4. trainer: DeepSpeed through the environment, then TRL's config from our arguments
-    batch_size = rollouts * world_size
     num_updates = training_args.max_steps if training_args.max_steps > 0 else max(
         1, int(training_args.num_train_epochs * len(train_prompts)) // batch_size)
     if training_args.deepspeed:
@@ -238,7 +251,8 @@ def run_ppo(argv: list[str] | None = None) -> None:
     trainer = PolicyTrainer(args=ppo_config, processing_class=tokenizer, model=policy, ref_model=reference,
                             reward_model=reward, value_model=value, train_dataset=train_prompts,
                             eval_dataset=sample_prompts, callbacks=[JsonlLogCallback()], top_k=ppo_args.top_k,
-                            top_p=ppo_args.top_p, sample_steps=ppo_args.sample_steps)
+                            top_p=ppo_args.top_p, sample_steps=ppo_args.sample_steps, nan_policy=run_args.nan_policy,
+                            resume_from=training_args.resume_from_checkpoint)
 
     # 5. train, save the policy, record the run. TRL runs a full gc.collect() twice per update;
     # freezing what is alive now (libraries, models, data) leaves it only the update's garbage.

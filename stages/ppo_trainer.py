@@ -5,23 +5,41 @@ Kept apart from stages/ppo.py because defining the subclass imports trl (seconds
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
-from transformers import GenerationConfig
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
+from .common import restore_rng_state, save_rng_state
+from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments
+from .errors import RunStopped, UserError
+from .trainers import STAGING_DIR
+
+logger = logging.getLogger(__name__)
+
 SAMPLES_FILE = "samples.jsonl"
+# A checkpoint-N holds the policy at update N as an sft output, and what a resume needs besides:
+WEIGHTS_FILE = "trained_weights.safetensors"  # every trained tensor of policy and value model, fp32, whole
+OPTIMIZER_FILE = "optimizer.safetensors"  # their Adam moments, whole
+PPO_STATE_FILE = "ppo_state.json"  # scheduler, optimizer step count, the run's shape
+STATE_FILE = "trainer_state.json"  # update count, episodes, log history
+RNG_FILE = "rng_state_{rank}.safetensors"  # every rank's random generators
 
 
 def truncated_sampling(generate: Callable[..., Any], top_k: int, top_p: float) -> Callable[..., Any]:
@@ -44,15 +62,90 @@ def truncated_sampling(generate: Callable[..., Any], top_k: int, top_p: float) -
     return generate_truncated
 
 
+class PromptBatches:
+    """Every update's prompts, each rank its share, in an order that is a function of (seed, epoch).
+
+    TRL's dataloader shuffles with the global torch generator, whose draws a resumed run
+    cannot replay. Here epoch e deals a permutation seeded with seed + e, global batches of
+    local_batch_size x ranks (the tail that fills no whole batch is left out, as TRL does), and
+    a resumed run starts with the batch after its checkpoint's last update. TRL iterates the
+    object anew at the end of every epoch.
+    """
+
+    def __init__(self, dataset: Any, collate: Callable[[list[dict]], dict], local_batch_size: int, rank: int,
+                 world_size: int, seed: int, position: int = 0) -> None:
+        self.dataset, self.collate, self.local, self.rank, self.seed = dataset, collate, local_batch_size, rank, seed
+        self.global_batch = local_batch_size * world_size
+        self.per_epoch = len(dataset) // self.global_batch
+        self.position = position  # batches handed out so far, over all epochs
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, first = divmod(self.position, self.per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        for index in range(first, self.per_epoch):
+            start = index * self.global_batch + self.rank * self.local
+            self.position += 1
+            yield self.collate([self.dataset[i] for i in order[start:start + self.local]])
+
+
+class ContinueRun(TrainerCallback):
+    """Put a checkpoint's update count, log history and random generators back as training begins.
+
+    TRL's `train()` starts its state from zero and then calls `on_train_begin`: this callback
+    (first in line, before the progress bar reads the state) sets the saved values there.
+    """
+
+    def __init__(self, checkpoint: Path, rank: int, total_updates: int) -> None:
+        self.checkpoint, self.rank, self.total_updates = checkpoint, rank, total_updates
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        saved = json.loads((self.checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        state.global_step, state.episode = saved["global_step"], saved["episode"]
+        state.log_history = saved["log_history"]
+        state.max_steps = self.total_updates
+        restore_rng_state(self.checkpoint / RNG_FILE.format(rank=self.rank))
+
+
+def check_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
+    """The ppo_state of a ppo checkpoint folder; a UserError naming what is missing or different."""
+    needed = [WEIGHTS_FILE, OPTIMIZER_FILE, PPO_STATE_FILE, STATE_FILE,
+              *(RNG_FILE.format(rank=rank) for rank in range(world_size))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"--resume_from_checkpoint {path} lacks {', '.join(missing)}; give a checkpoint-N folder "
+                        f"written by stages.ppo with the same number of ranks.")
+    return json.loads((path / PPO_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_trained_weights(path: Path, policy: torch.nn.Module, value: torch.nn.Module) -> None:
+    """Give the policy and value models the trained tensors of a checkpoint (before DeepSpeed copies them)."""
+    weights = load_file(str(path / WEIGHTS_FILE))
+    for prefix, module in (("policy.", policy), ("value_model.", value)):
+        trained = {name: param for name, param in module.named_parameters() if param.requires_grad}
+        saved = {key[len(prefix):]: tensor for key, tensor in weights.items() if key.startswith(prefix)}
+        if saved.keys() != trained.keys():
+            raise UserError(f"--resume_from_checkpoint {path}: its trained {prefix[:-1]} tensors are not this run's "
+                            f"({len(saved)} saved, {len(trained)} here); resume with the arguments of the run that "
+                            f"wrote it (its run_config.json).")
+        with torch.no_grad():
+            for name, param in trained.items():
+                param.copy_(saved[name])
+
+
 class PolicyTrainer(PPOTrainer):
-    """PPOTrainer that saves under DeepSpeed, samples with top-k/top-p and logs sample tables.
+    """PPOTrainer that saves under DeepSpeed, resumes, stops on a NaN loss, samples with top-k/top-p.
 
     - `save_model` writes the policy alone, like an sft output (adapter folder, or full model)
-      plus tokenizer, gathering ZeRO-3 shards first (TRL's own save breaks under DeepSpeed);
-      `checkpoint-N` folders hold the policy at update N (TRL's PPO cannot resume, so no
-      optimizer state is kept).
+      plus tokenizer, gathering ZeRO-3 shards first (TRL's own save breaks under DeepSpeed).
+    - `checkpoint-N` holds the policy at update N and everything a resume needs (TRL's PPO
+      saves none of it): trained weights and Adam moments as whole tensors, the scheduler,
+      the update count, every rank's random generators; the prompts come from `PromptBatches`.
+      It is written under output_dir/.saving/ and renamed whole once every rank is done.
+      `resume_from` continues such a run exactly where its checkpoint left it.
+    - a non-finite PPO loss stops the run before its backward pass (`nan_policy="stop"`) or
+      contributes no gradient and is counted (`"skip"`); every rank takes the same decision.
     - every `sample_steps` updates, a table of prompts, sampled responses and rewards goes to
-      W&B (rank 0) and to output_dir/samples.jsonl.
+      W&B (rank 0) and to output_dir/samples.jsonl, drawn with the random generators set aside.
     - the whole loop runs under the accelerator's autocast (mixed precision with frozen weights
       in bf16/fp16 and trained ones in fp32).
     - optimizer parameter groups that are empty (e.g. no bias/norm weight trains under LoRA)
@@ -60,12 +153,71 @@ class PolicyTrainer(PPOTrainer):
       would leave TRL's scheduler with more learning rates than groups.
     """
 
-    def __init__(self, *args: Any, top_k: int = 0, top_p: float = 1.0, sample_steps: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, top_k: int = 0, top_p: float = 1.0, sample_steps: int = 0,
+                 nan_policy: str = "stop", resume_from: str | None = None, **kwargs: Any):
+        checkpoint = Path(resume_from) if resume_from else None
+        if checkpoint is not None:  # before DeepSpeed builds its fp32 master from the modules
+            load_trained_weights(checkpoint, kwargs["model"], kwargs["value_model"])
         super().__init__(*args, **kwargs)
         if top_k > 0 or top_p < 1.0:
             self.policy_model.generate = truncated_sampling(self.policy_model.generate, top_k, top_p)
-        if sample_steps > 0:  # TRL samples when (update - 1) % sample_generations_freq == 0
-            self.sample_generations_freq = sample_steps
+        # TRL offers samples when (update - 1) % freq == 0, counting from the run's start: it offers
+        # them every update and `generate_completions` decides from the (resumed) update count.
+        self.sample_steps, self.sample_generations_freq = sample_steps, 1
+        self.nan_policy, self.skipped_batches = nan_policy, 0
+        self.accelerator.backward = self._checked_backward(self.accelerator.backward)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        done = 0
+        if checkpoint is not None:
+            done = self._restore(checkpoint, world)
+            self.callback_handler.callbacks.insert(0, ContinueRun(checkpoint, rank, self.args.num_total_batches))
+            self.args.num_total_batches -= done  # TRL's loop counts the updates still to run
+        self.dataloader = PromptBatches(self.train_dataset, self.data_collator, self.args.local_batch_size, rank,
+                                        world, self.args.seed, position=done)
+
+    def _restore(self, checkpoint: Path, world_size: int) -> int:
+        """Optimizer and scheduler state of `checkpoint`; the number of updates it had done."""
+        state = check_checkpoint(checkpoint, world_size)
+        shape = {"world_size": world_size, "local_batch_size": self.args.local_batch_size,
+                 "total_updates": self.args.num_total_batches}
+        if {key: state[key] for key in shape} != shape:
+            raise UserError(f"--resume_from_checkpoint {checkpoint} was written by a run of another shape "
+                            f"({ {key: state[key] for key in shape} }, this one: {shape}); resume with the same ranks, "
+                            f"batch sizes and run length.")
+        wrapper = self.accelerator.unwrap_model(self.model)
+        restore_moments(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), state["optimizer_step"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        logger.info("resuming from %s after update %d", checkpoint, state["updates"])
+        return state["updates"]
+
+    def _checked_backward(self, backward: Callable[..., None]) -> Callable[..., None]:
+        """Wrap the accelerator's backward (TRL's loop calls it once per PPO micro-batch) with the NaN policy."""
+
+        def checked_backward(loss: torch.Tensor, **kwargs: Any) -> None:
+            finite = torch.isfinite(loss.detach()).all().float()
+            if self.accelerator.num_processes > 1:  # every rank takes the same branch (no rank left in a collective)
+                finite = self.accelerator.reduce(finite, reduction="sum") == self.accelerator.num_processes
+            if not bool(finite):
+                update = self.state.global_step + 1
+                if self.nan_policy == "stop":
+                    raise RunStopped(f"the PPO loss is {loss.detach().float().item()} at update {update} (on this "
+                                     f"rank or another); the run stopped and the checkpoints in {self.args.output_dir} "
+                                     f"are intact. Lower --learning_rate or --kl_coef and resume with "
+                                     f"--resume_from_checkpoint last, or pass --nan_policy skip to drop such batches.")
+                self.skipped_batches += 1
+                logger.warning("non-finite PPO loss at update %d: micro-batch skipped (%d so far)", update,
+                               self.skipped_batches)
+                loss = sum((param * 0).sum() for param in self.model.parameters() if param.requires_grad)
+            backward(loss, **kwargs)
+
+        return checked_backward
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.skipped_batches:
+            logs["skipped_batches"] = self.skipped_batches
+        super().log(logs, *args, **kwargs)
 
     def train(self):
         # TRL scores rollouts (generate, reward, value) outside the accelerator's autocast; with
@@ -80,7 +232,20 @@ class PolicyTrainer(PPOTrainer):
         return optimizer
 
     def generate_completions(self, sampling: bool = False) -> None:
-        """Sample answers to one batch of held-out prompts and log them with their rewards."""
+        """Every `sample_steps` updates: sample answers to held-out prompts, log them with their rewards.
+
+        The sampling draws from generators set aside, so a run with sample tables trains exactly
+        as one without (and a resumed run as the uninterrupted one).
+        """
+        if self.sample_steps <= 0 or (self.state.global_step - 1) % self.sample_steps:
+            return
+        numpy_state = np.random.get_state()
+        device_type = self.accelerator.device.type  # the CPU generator is always set aside; an accelerator's too
+        with torch.random.fork_rng(devices=[] if device_type == "cpu" else None, device_type=device_type):
+            self._log_samples()
+        np.random.set_state(numpy_state)
+
+    def _log_samples(self) -> None:
         batch = next(iter(self.eval_dataloader), None)
         if batch is None:  # fewer held-out prompts than one evaluation batch
             return
@@ -129,6 +294,34 @@ class PolicyTrainer(PPOTrainer):
         self.processing_class.save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        self.save_model(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-        if self.accelerator.is_main_process:
-            rotate_checkpoints(self.args.output_dir, save_total_limit=self.args.save_total_limit)
+        """checkpoint-N: the policy (as an sft output) and a resume's state, written aside, renamed whole."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self.args.output_dir)
+        staging, final = run_dir / STAGING_DIR / name, run_dir / name
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that crashed
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
+        wrapper = self.accelerator.unwrap_model(self.model)
+        weights, moments = gather_weights(wrapper), gather_moments(wrapper, self.optimizer)  # collective
+        staging.mkdir(parents=True, exist_ok=True)
+        save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
+        if main:
+            for tensors, file in ((weights, WEIGHTS_FILE), (moments, OPTIMIZER_FILE)):
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(staging / file))
+            ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
+                         "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,
+                         "local_batch_size": self.args.local_batch_size,
+                         "total_updates": self.state.max_steps}
+            (staging / PPO_STATE_FILE).write_text(json.dumps(ppo_state, indent=2), encoding="utf-8")
+            self.state.save_to_json(str(staging / STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every rank's files are in staging
+        if main:
+            if final.is_dir():  # a checkpoint of this update from before a resume: replaced whole
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit)
+            with contextlib.suppress(OSError):  # empty now
+                os.rmdir(staging.parent)
+        self.accelerator.wait_for_everyone()

@@ -131,7 +131,7 @@ def _read_fewshot(path: str) -> str:
 
 def _translator_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) -> Any:
     """DyPRAG's provider: the trained translator (checked against this model) on this rank's device."""
-    from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorLoras, load_translator
+    from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorError, TranslatorLoras, load_translator
 
     from .loader import local_device
 
@@ -139,7 +139,10 @@ def _translator_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) 
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"--projector_dir {folder} holds no {CONFIG_FILE}; point it at a stages.projector output_dir "
                         f"(or one of its checkpoint-N folders).")
-    translator = load_translator(folder, device=local_device())
+    try:
+        translator = load_translator(folder, device=local_device())
+    except TranslatorError as err:
+        raise UserError(f"--projector_dir: {err}") from None
     try:
         expected = TranslatorConfig.for_model(model, translator.config.spec)
     except ValueError as err:
@@ -182,8 +185,9 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     finetuning_args = FinetuningArguments()  # inference only: adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:
-        raise UserError("prag_eval runs data parallel (each rank holds the whole model); use a ZeRO-0/2 config "
-                        "such as ds_configs/zero2.json, not ZeRO-3.")
+        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which prag_eval cannot use: it generates "
+                        f"data parallel (each rank holds the whole model); use a ZeRO-0/2 config such as "
+                        f"ds_configs/zero2.json.")
     unknown = [m for m in eval_args.method_names if m not in METHODS]
     if unknown or not eval_args.method_names:
         raise UserError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}.")
@@ -208,32 +212,39 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
         records = [r for r in records if r.get("split") == eval_args.split]
     records = records[: eval_args.max_samples]
     if not records:
-        raise UserError(f"--data_file {eval_args.data_file} holds no records to answer"
-                        f"{f' with split {eval_args.split!r}' if eval_args.split else ''}.")
+        fix = (f" with split {eval_args.split!r}; pick a --split its records have" if eval_args.split
+               else "; pass PRAG records with a question and gold answers")
+        raise UserError(f"--data_file {eval_args.data_file} holds no records to answer{fix}.")
     if any(not r["answer"] for r in records):
         raise UserError(f"--data_file {eval_args.data_file}: every record needs gold answers to be scored.")
 
-    # 3. frozen model (fp32 / bf16 / fp16 from the flags) on this rank's device, and the bank
-    tokenizer = load_tokenizer(model_args)
+    # 3. the bank (every shard the records need checked now, not midway), then the frozen model
+    #    (fp32 / bf16 / fp16 from the flags) on this rank's device and the translator
     compute_dtype = get_compute_dtype(training_args.bf16, training_args.fp16)
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False, compute_dtype=compute_dtype)
-    if model_args.quantization_bit is None:
-        model.to(local_device())
     providers: dict[str, Any] = {}
-    if eval_args.projector_dir:
-        providers["dyprag"] = _translator_loras(eval_args, model, tokenizer)
     if eval_args.bank_dir:
-        from dyprag.bank import LoraBank
+        from dyprag.bank import LoraBank, LoraBankError
 
         if not Path(eval_args.bank_dir).is_dir():
             raise UserError(f"--bank_dir {eval_args.bank_dir} is not a folder; encode the records first "
                             f"(python -m stages.encode).")
-        loras = providers["prag"] = BankLoras(LoraBank(eval_args.bank_dir), eval_args.top_k, dtype=compute_dtype,
-                                              device=local_device())
-        missing = loras.missing(records)
-        if missing:
-            raise UserError(f"--bank_dir {eval_args.bank_dir} has no LoRA for {len(missing)} passage(s) of the "
-                            f"records (e.g. {', '.join(missing[:3])}); encode this --data_file with stages.encode.")
+        try:
+            loras = providers["prag"] = BankLoras(LoraBank(eval_args.bank_dir), eval_args.top_k, dtype=compute_dtype,
+                                                  device=local_device())
+            missing = loras.missing(records)
+            if missing:
+                raise UserError(f"--bank_dir {eval_args.bank_dir} has no LoRA for {len(missing)} passage(s) of the "
+                                f"records (e.g. {', '.join(missing[:3])}); encode this --data_file with "
+                                f"stages.encode.")
+            loras.check(records)
+        except LoraBankError as err:
+            raise UserError(f"--bank_dir: {err}") from None
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False, compute_dtype=compute_dtype)
+    if model_args.quantization_bit is None:
+        model.to(local_device())
+    if eval_args.projector_dir:
+        providers["dyprag"] = _translator_loras(eval_args, model, tokenizer)
 
     # 4. answer this rank's share with every method; gather each method's answers in record order
     share = rank_share(records, rank, world)

@@ -32,7 +32,13 @@ loss term per step; W&B with --report_to wandb), and OUT/checkpoint-<step>/ ever
 --save_steps and at the end of every epoch: translator weights + config, Adam moments
 (safetensors), trainer_state.json (step, scheduler, data position), rng.safetensors.
 Checkpoints hold whole tensors (gathered from the ZeRO partitions), so a run resumes on any
-number of ranks: --resume_from_checkpoint OUT/checkpoint-N, or `auto` for the latest.
+number of ranks: --resume_from_checkpoint OUT/checkpoint-N, or `auto` for the latest. A
+checkpoint is written as OUT/.checkpoint-N.tmp and renamed whole, so `auto` never takes a
+half-written one.
+
+A NaN/inf loss on any rank stops the run before that micro-batch's backward pass (every rank
+agrees, the checkpoints stay intact); with --nan_policy skip the micro-batch adds no gradient,
+counts 0 in the logged losses, and `skipped_batches` in trainer_log.jsonl counts it.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainingArguments
 
-from .errors import UserError, main_guard
+from .common import restore_rng_state, save_rng_state
+from .deepspeed_utils import gather_moments, gather_weights, restore_moments, without_round_robin_gradients
+from .errors import RunStopped, UserError, main_guard
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +66,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = "projector"
-MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state (torch AdamW and DeepSpeedCPUAdam)
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -181,13 +188,7 @@ def engine_config(training_args: ProjectorTrainingArguments, model: Any, total_s
     # trains in fp32: no mixed-precision wrapper in its engine, exact master weights in checkpoints.
     for precision in ("bf16", "fp16"):
         ds_config.config.setdefault(precision, {})["enabled"] = False
-    zero = ds_config.config.get("zero_optimization", {})
-    if zero.get("round_robin_gradients"):
-        # deepspeed 0.19.8: with round-robin gradient partitioning, safe_get/set_full_fp32_param and
-        # safe_get/set_full_optimizer_state address the wrong slices (two ranks, checked against ZeRO-0:
-        # training is right, the gathered tensors are not), and the checkpoints here are built with
-        # them. The reordering only balances offloaded gradient copies; the small translator needs none.
-        zero["round_robin_gradients"] = False
+    without_round_robin_gradients(ds_config.config)  # checkpoints gather whole tensors
     return ds_config.config
 
 
@@ -206,76 +207,17 @@ def make_optimizer(params: list[torch.nn.Parameter], training_args: ProjectorTra
     return torch.optim.AdamW(params, **kwargs)
 
 
-def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
-    # ZeRO's wrapper keeps the torch optimizer (over its flat fp32 partitions) as .optimizer; ZeRO-0 in
-    # fp32 has no wrapper.
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _is_partitioned(param: torch.nn.Parameter) -> bool:
-    # ZeRO-1/2 link each parameter to its slice of a flat fp32 master (_hp_mapping; None on ranks without one).
-    return hasattr(param, "_hp_mapping")
-
-
-def gather_weights(engine: Any) -> dict[str, torch.Tensor]:
-    """Every translator parameter's fp32 (master) value, whole. All ranks must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return {name: safe_get_full_fp32_param(param) if _is_partitioned(param) else param.detach().float()
-            for name, param in engine.module.named_parameters()}
-
-
-def gather_moments(engine: Any) -> dict[str, torch.Tensor]:
-    """Every translator parameter's Adam moments, whole ("<name>.exp_avg", ...), after at least one step."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    state = _base_optimizer(engine).state
-    moments = {}
-    for name, param in engine.module.named_parameters():
-        for key in MOMENTS:  # ZeRO-0 in fp32: the torch optimizer works on the module's own parameters
-            moments[f"{name}.{key}"] = (safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
-                                        else state[param][key])
-    return moments
-
-
-def restore_moments(engine: Any, moments: dict[str, torch.Tensor], step: int) -> None:
-    """Put saved Adam moments (whole tensors) into a fresh engine's optimizer, each rank its slice.
-
-    Adam creates its state lazily at the first step, so it is created here (zeros, the saved
-    step count) before the saved moments are written into it. The weights need nothing: the
-    engine built its fp32 master from the module, which holds the checkpoint's weights.
-    """
-    import torch
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for flat in group["params"]:
-            count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
-            base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    partitioned = any(_is_partitioned(p) for p in engine.module.parameters())
-    if partitioned:  # link every parameter's slice to the state just created (DeepSpeed does it at the 1st step)
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
-    for name, param in engine.module.named_parameters():
-        for key in MOMENTS:
-            value = moments[f"{name}.{key}"].to(param.device)
-            if partitioned:
-                safe_set_full_optimizer_state(param, value, key)
-            else:
-                base.state[param][key].copy_(value)
-
-
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_state: dict[str, Any],
                     rank: int, save_total_limit: int | None) -> Path | None:
     """OUT/checkpoint-<step>: written by rank 0 into a temporary folder, then renamed (atomic)."""
-    import torch
     from safetensors.torch import save_file
 
     from dyprag.translator import save_translator
 
-    weights, moments = gather_weights(engine), gather_moments(engine)  # collective: every rank takes part
+    # collective: every rank takes part
+    weights, moments = gather_weights(engine.module), gather_moments(engine.module, engine.optimizer)
     final = out / f"checkpoint-{step}"
     if rank != 0 or final.exists():
         return None
@@ -283,10 +225,7 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving
     save_translator(translator, tmp, state=weights)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.accelerator.is_available():
-        rng["accelerator"] = torch.get_device_module().get_rng_state()
-    save_file(rng, str(tmp / RNG_FILE))
+    save_rng_state(tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
     os.replace(tmp, final)
     logger.info("saved %s", final)
@@ -301,11 +240,10 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Translator weights, Adam moments and trainer state of a checkpoint folder.
 
-    The torch generator state (rank 0's, saved with the checkpoint) is restored here on every
+    The random generators (rank 0's, saved with the checkpoint) are restored here on every
     rank. The loop itself draws no random numbers (the pair order is a function of seed and
     epoch); the state is kept so that anything random added later resumes exactly too.
     """
-    import torch
     from safetensors.torch import load_file
 
     from dyprag.translator import WEIGHTS_FILE
@@ -314,10 +252,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     if missing:
         raise UserError(f"--resume_from_checkpoint {path} lacks {', '.join(missing)}; give a checkpoint-N folder "
                         f"written by stages.projector.")
-    rng = load_file(str(path / RNG_FILE))
-    torch.set_rng_state(rng["cpu"])
-    if "accelerator" in rng and torch.accelerator.is_available():
-        torch.get_device_module().set_rng_state(rng["accelerator"])
+    restore_rng_state(path / RNG_FILE)
     return (load_file(str(path / WEIGHTS_FILE)), load_file(str(path / OPTIMIZER_FILE)),
             json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
@@ -331,23 +266,54 @@ def load_pairs(proj_args: ProjectorArguments, tokenizer: Any) -> tuple[list[Pair
 
     try:
         records = load_records(proj_args.data_file)
-        if proj_args.split is not None:
-            records = [r for r in records if r.get("split") == proj_args.split]
-        records = records[: proj_args.max_samples]
+    except RecordError as err:
+        raise UserError(f"--data_file: {err}") from None
+    if proj_args.split is not None:
+        records = [r for r in records if r.get("split") == proj_args.split]
+        if not records:
+            raise UserError(f"--data_file {proj_args.data_file} holds no record with split {proj_args.split!r}; "
+                            f"pick a --split its records have, or drop the flag.")
+    records = records[: proj_args.max_samples]
+    try:
         has_augment = any(r.get("augment") for r in records)
         augment_name = proj_args.augment_model_name or (detect_augment_model(records) if has_augment else None)
+    except RecordError as err:
+        raise UserError(f"--data_file: {err}") from None
+    try:
         bank = LoraBank(proj_args.bank_dir)
-    except (RecordError, LoraBankError) as err:
-        raise UserError(f"--data_file/--bank_dir: {err}") from None
+    except LoraBankError as err:
+        raise UserError(f"--bank_dir: {err}") from None
     pairs, too_long = build_pairs(records, augment_name, tokenizer, proj_args)
     without_lora = sum(1 for p in pairs if p.passage_id not in bank)
     pairs = [p for p in pairs if p.passage_id in bank]
     if not pairs:
-        raise UserError(f"no training pairs: --data_file {proj_args.data_file} (split {proj_args.split}) has no QA "
-                        f"pair whose passage is in --bank_dir {proj_args.bank_dir}; encode these records first.")
+        if without_lora:
+            reason = (f"no passage of its {without_lora} QA pairs has a LoRA in --bank_dir {proj_args.bank_dir}; "
+                      f"encode these records first (python -m stages.encode)")
+        elif too_long:
+            reason = (f"all {too_long} QA pairs are longer than --cutoff_len {proj_args.cutoff_len} tokens and were "
+                      f"dropped; raise --cutoff_len")
+        else:
+            reason = "its records have no QA pair (augmentation or a question with an answer)"
+        raise UserError(f"no training pairs in --data_file {proj_args.data_file}: {reason}.")
+    try:  # the teachers' shards are read before any training step: a corrupt one fails now
+        bank.check([p.passage_id for p in pairs])
+    except LoraBankError as err:
+        raise UserError(f"--bank_dir: {err}") from None
     logger.info("%d training pairs (dropped: %d longer than --cutoff_len, %d without a bank LoRA)", len(pairs),
                 too_long, without_lora)
     return pairs, bank
+
+
+def finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """Whether `loss` is finite on every rank. All ranks call it and get the same answer, so they all
+    take the same branch: none is left waiting alone in the backward's gradient reduction."""
+    import torch
+
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
 
 
 class Teachers:
@@ -418,7 +384,7 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     engine, *_ = deepspeed.initialize(model=translator, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if checkpoint is not None:
         _, moments, state = checkpoint
-        restore_moments(engine, moments, state["global_step"])
+        restore_moments(engine.module, engine.optimizer, moments, state["global_step"])
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
@@ -446,8 +412,9 @@ def run_projector(argv: list[str] | None = None) -> None:
     finetuning_args = FinetuningArguments()  # the base stays frozen; adapters given with the model are merged
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
     if zero_stage(training_args.deepspeed) == 3:
-        raise UserError("projector trains only the small translator and keeps the frozen model outside DeepSpeed; "
-                        "use a ZeRO-0/1/2 config such as ds_configs/zero2.json, not ZeRO-3.")
+        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which projector cannot use: it trains only "
+                        f"the small translator and keeps the frozen model outside DeepSpeed; use a ZeRO-0/1/2 config "
+                        f"such as ds_configs/zero2.json.")
     if training_args.resume_from_checkpoint == "auto":
         training_args.resume_from_checkpoint = "last"
     training_args.do_train = True  # projector only trains (no --do_train needed)
@@ -500,6 +467,7 @@ def run_projector(argv: list[str] | None = None) -> None:
     every_save = (math.ceil(training_args.save_steps * plan.total_steps) if training_args.save_steps < 1
                   else int(training_args.save_steps))
     step, sums, counted, started, samples = start_step, torch.zeros(len(LOSS_KEYS), device=device), 0, time.time(), 0
+    skipped = checkpoint[2].get("skipped_batches", 0) if checkpoint else 0  # absent in checkpoints of older runs
     progress = tqdm(total=plan.total_steps, initial=start_step, desc="projector", unit="step", disable=rank != 0)
     for epoch, epoch_end, indices in plan.micro_batches(start_step):
         batch = [pairs[i] for i in indices]
@@ -509,9 +477,26 @@ def run_projector(argv: list[str] | None = None) -> None:
         terms = distillation_losses(model, engine(hidden), teachers(batch, device), bank.spec.scaling, input_ids,
                                     labels)
         loss = terms["lm"] + proj_args.kl_weight * terms["kl"] + proj_args.mse_weight * terms["mse"]
+        values = torch.stack([loss.detach(), *(terms[k].detach() for k in ("lm", "kl", "mse", "teacher_lm"))])
+        if not finite_on_every_rank(loss, world):  # checked before backward/step: nothing of it is applied
+            value = loss.detach().float().item()
+            what = (f"the training loss is {value}" if not math.isfinite(value)
+                    else "another rank's training loss is NaN/inf")
+            if run_args.nan_policy == "stop":
+                progress.close()  # the bar's last line before the message
+                raise RunStopped(f"{what} at step {step + 1}; nothing of this step was applied and the checkpoints "
+                                 f"in {out} are intact. Lower --learning_rate and resume with "
+                                 f"--resume_from_checkpoint auto, or pass --nan_policy skip to drop such "
+                                 f"micro-batches.")
+            skipped += 1
+            logger.warning("%s at step %d: micro-batch skipped (%d so far)", what, step + 1, skipped)
+            # A zero that reaches every translator parameter: each rank still runs the same backward and
+            # gradient reduction, and the micro-batch counts 0 in the logged means.
+            loss = sum((param * 0).sum() for param in engine.module.parameters() if param.requires_grad)
+            values = torch.zeros_like(values)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates at the accumulation boundary only
-        sums += torch.stack([loss.detach(), *(terms[k].detach() for k in ("lm", "kl", "mse", "teacher_lm"))])
+        sums += values
         counted, samples = counted + 1, samples + len(batch) * world
         if counted % plan.accumulation:
             continue
@@ -524,20 +509,21 @@ def run_projector(argv: list[str] | None = None) -> None:
             if rank == 0:
                 log_step(out, STAGE, {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
                                       **dict(zip(LOSS_KEYS, means)), "learning_rate": scheduler.get_last_lr()[0],
-                                      "samples_per_second": samples / (time.time() - started)})
+                                      "samples_per_second": samples / (time.time() - started),
+                                      **({"skipped_batches": skipped} if skipped else {})})
             sums.zero_()
             counted = 0
         if training_args.save_strategy != "no" and (step % every_save == 0 or epoch_end or step == plan.total_steps):
             save_checkpoint(out, step, engine, translator,
                             {"global_step": step, "epoch": epoch, "steps_per_epoch": plan.steps_per_epoch,
-                             "world_size": world, "scheduler": scheduler.state_dict()},
+                             "world_size": world, "scheduler": scheduler.state_dict(), "skipped_batches": skipped},
                             rank, training_args.save_total_limit)
         if step >= plan.total_steps:
             break
     progress.close()
 
     # 5. the trained translator (fp32 master weights, whole) + its config, the loss plots
-    weights = gather_weights(engine)
+    weights = gather_weights(engine.module)
     if rank == 0:
         save_translator(translator, out, state=weights)
         logger.info("translator saved to %s after %d steps", out, step)

@@ -68,7 +68,8 @@ class ProjectorExportArguments:
 
 def run_projector_export(argv: list[str] | None = None) -> None:
     from dyprag.lora import ADAPTER_CONFIG, LoraSpec, save_peft_adapter, select
-    from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorLoras, combine_loras, load_translator
+    from dyprag.translator import (CONFIG_FILE, TranslatorConfig, TranslatorError, TranslatorLoras, combine_loras,
+                                   load_translator)
 
     from .hparams import FinetuningArguments, ModelArguments, parse_args
     from .loader import check_model_args, load_model, load_tokenizer, local_device
@@ -81,7 +82,10 @@ def run_projector_export(argv: list[str] | None = None) -> None:
         raise UserError(f"--output_dir {out} already holds an adapter; pick a new folder or add "
                         f"--overwrite_output_dir.")
     passages = export_args.passages()
-    translator = load_translator(folder, device=local_device())
+    try:
+        translator = load_translator(folder, device=local_device())
+    except TranslatorError as err:
+        raise UserError(f"--projector_dir: {err}") from None
     config = translator.config
     model_args.model_name_or_path = model_args.model_name_or_path or config.base_model_name_or_path
     finetuning_args = FinetuningArguments()

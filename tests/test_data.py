@@ -364,8 +364,9 @@ def test_truncation_keeps_turns_in_order_and_cuts_the_first_that_does_not_fit(sf
     first = len(pairs[0][0]) + len(pairs[0][1])
     (source, target), budget = pairs[1], 9
     assert len(source) + len(target) > budget + 2  # the second turn really is cut
-    input_ids, labels = encode_supervised(messages, row["_system"], tokenizer, template, first + budget, False)
-    assert len(input_ids) == first + budget
+    input_ids, labels, truncated = encode_supervised(messages, row["_system"], tokenizer, template, first + budget,
+                                                     False)
+    assert truncated and len(input_ids) == first + budget
     assert input_ids[:first] == pairs[0][0] + pairs[0][1]  # the first turn is whole
     cut_ids, cut_labels = input_ids[first:], labels[first:]
     kept_target = sum(label != IGNORE_INDEX for label in cut_labels)
@@ -374,7 +375,8 @@ def test_truncation_keeps_turns_in_order_and_cuts_the_first_that_does_not_fit(sf
     assert cut_labels == [IGNORE_INDEX] * kept_source + target[:kept_target]
     assert kept_target >= 1 and abs(kept_target - budget * len(target) / (len(source) + len(target))) < 1
     # A first prompt longer than cutoff_len is cut too, and still leaves answer tokens to learn.
-    input_ids, labels = encode_supervised(messages, row["_system"], tokenizer, template, 3, False)
+    input_ids, labels, truncated = encode_supervised(messages, row["_system"], tokenizer, template, 3, False)
+    assert truncated
     learnt = [label for label in labels if label != IGNORE_INDEX]
     assert len(input_ids) == 3 and learnt and input_ids == pairs[0][0][: 3 - len(learnt)] + pairs[0][1][: len(learnt)]
 
@@ -397,6 +399,16 @@ def test_rows_with_nothing_to_learn_are_dropped_and_counted(tmp_path, tokenizer,
     assert any("4 rows read -> 1 model rows" in r.getMessage() for r in caplog.records)
     with pytest.raises(UserError, match="no usable rows"):
         _sft_rows(DataArguments(dataset="unanswered", dataset_dir=str(tmp_path)), tokenizer)
+
+
+def test_rows_longer_than_cutoff_len_are_cut_kept_and_counted(tmp_path, tokenizer, caplog):
+    write_rows(tmp_path / "long.json", [{"instruction": "Hi", "output": "word " * count} for count in (1, 40, 60)])
+    registry(tmp_path, long={"file_name": "long.json"})
+    with caplog.at_level(logging.INFO, logger="stages.data"):
+        rows = _sft_rows(DataArguments(dataset="long", dataset_dir=str(tmp_path), cutoff_len=24), tokenizer,
+                         cutoff_len=24).train_dataset
+    assert sorted(len(ids) for ids in rows["input_ids"])[1:] == [24, 24] and "_truncated" not in rows.column_names
+    assert any("3 rows read -> 3 model rows; 2 cut to --cutoff_len 24" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------ packing

@@ -5,8 +5,9 @@ A tiny synthetic task that a tiny policy can reach: every prompt is answered "ye
 rejected "no" pairs) prefers "yes". PPO must move the mean reward from the sft policy's
 mixture to the "yes" end within a few dozen updates. Then the chain sft -> rm -> ppo runs
 through the launch scripts on two ranks (ZeRO-2), its policy is taken by sft's predict and by
-export, and the three runs share one W&B group. Bad input ends with one line
-and exit status 2.
+export, and the three runs share one W&B group; resumed from a checkpoint it ends where it ended.
+A run killed while saving resumes to the uninterrupted run's weights; a NaN loss stops the run or
+is skipped. (Bad input: tests/test_user_errors.py.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,37 +110,128 @@ def test_ppo_learns_and_the_reference_stays_fixed(sft_and_rm, yes_no_data, tmp_p
     assert (policy_logits[:, -1] - sft_logits[:, -1]).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("case", ["pairwise_dataset", "rm_without_value_head", "adapter_of_another_base"])
-def test_bad_input_is_one_line_and_exit_2(case, sft_and_rm, yes_no_data, tiny_model, tmp_path, capsys):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+# Reliability: the PPO loop is TRL's; the hooks below reach into it the way a crash or a bad batch would.
+PPO_SHORT = ["--dataset", "yn_sft", "--per_device_train_batch_size", "8", "--max_new_tokens", "3", "--ppo_epochs",
+             "2", "--learning_rate", "3e-3", "--temperature", "1.0", "--logging_steps", "1", "--sample_steps", "2",
+             "--save_steps", "1", "--max_steps", "4", "--report_to", "none"]
 
-    from stages.ppo import main
+KILL_DURING_SAVE = """
+import os
+import signal
+
+import safetensors.torch
+
+save_file = safetensors.torch.save_file
+
+
+def dying_save(tensors, filename, *args, **kwargs):  # checkpoint-2's policy and weights are written by now
+    save_file(tensors, filename, *args, **kwargs)
+    if os.path.join(".saving", "checkpoint-2", "optimizer") in str(filename):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+safetensors.torch.save_file = dying_save
+"""
+
+POISON_ONE_BATCH = """
+import os
+
+import torch
+import trl.experimental.ppo.ppo_trainer as ppo
+
+forward, calls = ppo.forward, [0]
+
+
+def poisoned_forward(model, query_responses, pad_token_id):  # rollouts run without grad, PPO micro-batches with
+    output = forward(model, query_responses, pad_token_id)
+    if torch.is_grad_enabled():
+        calls[0] += 1
+        if calls[0] == int(os.environ["POISON_CALL"]):
+            output[0].logits = output[0].logits * float("nan")
+    return output
+
+
+ppo.forward = poisoned_forward
+"""
+
+
+def _ppo_runs(runs: dict[str, tuple[list, dict]]) -> dict[str, subprocess.CompletedProcess]:
+    """Independent ppo runs side by side (one per core): name -> (args, extra environment)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(item):
+        args, extra = item
+        return run_stage("ppo", *args, check=False, env=stage_env(OMP_NUM_THREADS="1", **extra))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(runs, pool.map(run, runs.values())))
+
+
+def _hook(tmp_path: Path, name: str, source: str) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(source)  # run first by the stage's interpreter
+    return f"{folder}:{stage_env()['PYTHONPATH']}"
+
+
+def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_rm, yes_no_data, tmp_path):
+    """Killed while writing checkpoint-2: checkpoint-1 stays whole, and resuming from it ends where a run
+    that was never interrupted ends (policy, value model, Adam moments, the logged rewards)."""
+    from safetensors.torch import load_file
+
+    from stages.callbacks import read_log
 
     sft, rm = sft_and_rm
-    args = {"--model_name_or_path": tiny_model, "--reward_model": rm, "--dataset": "yn_sft",
-            "--dataset_dir": yes_no_data, "--output_dir": tmp_path / "ppo", "--report_to": "none"}
-    if case == "pairwise_dataset":
-        args["--dataset"] = "yn_pref"
-        expected = "dataset 'yn_pref' is pairwise; this stage needs non-pairwise data"
-    elif case == "rm_without_value_head":
-        args["--reward_model"] = sft  # an sft output: a causal LM, no value head
-        expected = f"--reward_model {sft} holds no value head"
-    else:  # an sft adapter trained on a base with another hidden size
-        config = AutoConfig.from_pretrained(tiny_model)
-        config.hidden_size, config.intermediate_size = 32, 64
-        other = tmp_path / "other_base"
-        AutoModelForCausalLM.from_config(config).save_pretrained(other)
-        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        get_peft_model(AutoModelForCausalLM.from_pretrained(other), lora).save_pretrained(tmp_path / "other_sft")
-        args["--adapter_name_or_path"] = tmp_path / "other_sft"
-        expected = f"adapter {tmp_path / 'other_sft'} does not fit this base model (it was trained on {other})"
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(item) for pair in args.items() for item in pair])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and expected in err[-1], err[-3:]
-    assert "Traceback" not in "\n".join(err)
+    args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    results = _ppo_runs({"whole": ([*args, "--output_dir", whole], {}),
+                         "killed": ([*args, "--output_dir", killed], {"PYTHONPATH": _hook(tmp_path, "kill",
+                                                                                          KILL_DURING_SAVE)})})
+    assert results["whole"].returncode == 0, results["whole"].stderr[-3000:]
+    assert results["killed"].returncode == -9, results["killed"].stderr[-3000:]
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (killed / "adapter_model.safetensors").exists()
+    run_stage("ppo", *args, "--output_dir", killed, "--resume_from_checkpoint", "last",
+              env=stage_env(OMP_NUM_THREADS="1"))
+    for name in ("adapter_model.safetensors", "checkpoint-4/trained_weights.safetensors",
+                 "checkpoint-4/optimizer.safetensors"):
+        expected, got = load_file(whole / name), load_file(killed / name)
+        assert expected.keys() == got.keys() and expected
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, name
+    # The resumed log continues the killed one with the updates the whole run logged (2 was
+    # logged before the kill and again after the resume).
+    rewards = {r["step"]: r["objective/scores"] for r in read_log(whole) if "objective/scores" in r}
+    resumed = [(r["step"], r["objective/scores"]) for r in read_log(killed) if "objective/scores" in r]
+    assert [step for step, _ in resumed] == [1, 2, 2, 3, 4]
+    assert all(abs(rewards[step] - score) <= 1e-5 for step, score in resumed)
+    assert json.loads((killed / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_nan_loss_stops_or_is_skipped(sft_and_rm, yes_no_data, tmp_path):
+    """A NaN in the first PPO micro-batch of update 2: stop keeps checkpoint-1 and writes no policy; skip
+    finishes, counts the batch, and leaves finite weights."""
+    from safetensors.torch import load_file
+
+    from stages.callbacks import read_log
+
+    sft, rm = sft_and_rm
+    args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
+    poison = {"PYTHONPATH": _hook(tmp_path, "poison", POISON_ONE_BATCH), "POISON_CALL": "3"}  # 2 per update
+    stop, skip = tmp_path / "stop", tmp_path / "skip"
+    results = _ppo_runs({"stop": ([*args, "--output_dir", stop], poison),
+                         "skip": ([*args, "--output_dir", skip, "--nan_policy", "skip"], poison)})
+    stopped = results["stop"]
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped (rank 0): the PPO loss is nan at update 2"), last
+    assert "--nan_policy skip" in last and "Traceback" not in stopped.stderr
+    assert sorted(p.name for p in stop.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (stop / "adapter_model.safetensors").exists()
+
+    assert results["skip"].returncode == 0, results["skip"].stderr[-3000:]
+    logged = {r["step"]: r.get("skipped_batches") for r in read_log(skip) if "objective/scores" in r}
+    assert logged == {1: None, 2: 1, 3: 1, 4: 1}
+    assert all(bool(t.isfinite().all()) for t in load_file(skip / "adapter_model.safetensors").values())
 
 
 @pytest.mark.slow
@@ -147,6 +241,7 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
     pt is left out of the chain to keep CI short: its output is a plain model directory, which
     is what sft starts from here, and test_distributed runs pt on two ranks.
     """
+    from safetensors.torch import load_file
     from test_wandb import read_wandb_records
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,15 +262,27 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
     launch("rm", "--model_name_or_path", base, "--adapter_name_or_path", sft, "--dataset", "yn_pref",
            "--dataset_dir", yes_no_data, "--val_size", "16", "--output_dir", rm, "--do_train", "--do_eval",
            "--max_steps", "4", "--learning_rate", "1e-2", *common, **env)
-    launch("ppo", "--model_name_or_path", base, "--adapter_name_or_path", sft, "--reward_model", rm,
-           "--dataset", "yn_sft", "--dataset_dir", yes_no_data, "--output_dir", ppo, "--max_steps", "3",
-           "--max_new_tokens", "3", "--ppo_epochs", "1", "--sample_steps", "2", *common, **env)
+    ppo_args = ["--model_name_or_path", base, "--adapter_name_or_path", sft, "--reward_model", rm, "--dataset",
+                "yn_sft", "--dataset_dir", yes_no_data, "--max_steps", "3", "--save_steps", "1", "--max_new_tokens",
+                "3", "--ppo_epochs", "1", "--sample_steps", "2", *common]
+    launch("ppo", *ppo_args, "--output_dir", ppo, **env)
 
     records = [r for r in read_log(ppo) if "objective/scores" in r]
     assert len(records) == 3 and all(math.isfinite(r["objective/scores"]) for r in records)
     assert abs(records[0]["objective/kl"]) < 1e-3  # the reference is the sft policy the run started from
     assert json.loads((ppo / "deepspeed_config.json").read_text())["train_batch_size"] == 8  # 2 ranks x 4
     assert (ppo / "adapter_model.safetensors").is_file() and not (ppo / "training_args.bin").exists()
+
+    # Resumed from checkpoint-1 in another folder (as after a crash) on the same two ranks: the ZeRO-2
+    # partitions of the weights and Adam moments are put back, and the run ends where this one did.
+    resumed = tmp_path / "ppo_resumed"
+    shutil.copytree(ppo / "checkpoint-1", resumed / "checkpoint-1")
+    launch("ppo", *ppo_args, "--output_dir", resumed, "--resume_from_checkpoint", "last",
+           **{**env, "WANDB_DIR": str(tmp_path)})  # its W&B run is kept apart from the group checked below
+    for name in ("adapter_model.safetensors", "checkpoint-3/optimizer.safetensors"):
+        expected, got = load_file(ppo / name), load_file(resumed / name)
+        assert expected.keys() == got.keys()
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, name
 
     # One W&B group for the three stages; the ppo run logs its metrics and sample tables.
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))

@@ -223,15 +223,6 @@ def test_prag_eval_gains_dyprag_rows(trained, tiny_model, demo_data, bank_dir, t
     assert "| dyprag_combine | 4 |" in (out / "results.md").read_text()
 
 
-def test_user_errors_are_one_line(tiny_model, demo_data, tmp_path, capsys):
-    from stages.projector import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["--model_name_or_path", str(tiny_model), "--data_file", str(demo_data / "demo_qa.json"),
-              "--output_dir", str(tmp_path / "out")])
-    assert exited.value.code == 2 and "--bank_dir is required" in capsys.readouterr().err
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

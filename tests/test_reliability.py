@@ -1,14 +1,19 @@
-"""Reliability of the HF-Trainer stages: a NaN/inf loss stops the run (or skips the batch), never a checkpoint.
+"""Reliability of the training stages: a NaN/inf loss stops the run (or skips the batch), never a checkpoint;
+a run killed while saving resumes to the weights of an uninterrupted one.
 
 A learning rate of 1e30 makes the first update blow the weights up, so the loss of step 2 is
-NaN for certain; step 1 is an ordinary step and its checkpoint is the "last good" one.
+NaN for certain; step 1 is an ordinary step and its checkpoint is the "last good" one. In
+encode, where each passage trains its own LoRA, one passage's LoRA is made to blow up so
+that its neighbours in the batch can be compared with a run where none did.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from conftest import run_stage, stage_env
 
 DIVERGING = ["--do_train", "--finetuning_type", "full", "--max_steps", "4", "--save_steps", "1",
@@ -158,3 +163,236 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     resumed_losses = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     tail = {row["step"]: row["loss"] for row in resumed_losses if "loss" in row and row["step"] > 1}
     assert tail == pytest.approx({step: losses[step] for step in (2, 3, 4)}, abs=1e-5)
+
+
+# -------------------------------------------------------- projector and encode: loops of their own
+
+KILL_WHILE_WRITING = '''
+import os
+import signal
+
+import safetensors.torch
+
+save_file = safetensors.torch.save_file
+
+
+def dying_save_file(tensors, filename, *args, **kwargs):  # as a SIGKILL in the middle of the write leaves it
+    save_file(tensors, filename, *args, **kwargs)
+    if str(filename).endswith(os.environ["KILL_WHILE_WRITING"]):
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+safetensors.torch.save_file = dying_save_file
+'''
+ENCODE = ["--max_samples", "2", "--num_train_epochs", "2", "--learning_rate", "1e-2", "--passages_per_batch", "2",
+          "--report_to", "none"]  # 6 passages in 3 batches; 2 epochs of 1 text: a 2nd update can diverge
+
+
+def encode_in_process(tiny_model, demo_data, out, *extra) -> None:
+    """stages.encode in this process: the imports are paid once (the killed runs alone need a process)."""
+    from stages.encode import main
+
+    main([str(a) for a in ["--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
+                           "--output_dir", out, *ENCODE, *extra]])
+
+
+@pytest.fixture(scope="module")
+def clean_bank(tiny_model, demo_data, tmp_path_factory):
+    """An uninterrupted encode run, one shard per batch: the reference, and the projector's bank."""
+    out = tmp_path_factory.mktemp("reliability") / "bank"
+    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2")
+    return out
+
+
+@pytest.fixture(scope="module")
+def encode_batches(tiny_model, demo_data) -> list[list[str]]:
+    """The passage ids of each batch of the ENCODE runs, as stages.encode plans them."""
+    from transformers import AutoTokenizer
+
+    from dyprag.encode import passage_texts, plan_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    records = json.loads((demo_data / "demo_qa.json").read_text())[:2]
+    ids = [f"{r['test_id']}_{p}" for r in records for p in range(len(r["passages"]))]
+    sizes = [sum(map(len, passage_texts(tokenizer, passage))) for r in records for passage in r["passages"]]
+    return [[ids[i] for i in batch] for batch in plan_batches(sizes, 2)]
+
+
+def diverge_after_first_update(monkeypatch, batch: int, row: int) -> None:
+    """The LoRA of row `row` of the `batch`-th batch (from 1) blows up (1e30) at its first update, as a far too
+    high learning rate does: its next forward, through the real code, gives a non-finite loss."""
+    import dyprag.encode
+
+    encode_batch, step = dyprag.encode.encode_batch, dyprag.encode.BatchedAdamW.step
+    batches = 0
+
+    def counting_batch(*args, **kwargs):
+        nonlocal batches
+        batches += 1
+        return encode_batch(*args, **kwargs)
+
+    def diverging_step(self, number, active=None):
+        step(self, number, active)
+        if number == 1 and batches == batch:
+            with torch.no_grad():
+                for param in self.params:
+                    param[row] = 1e30
+
+    monkeypatch.setattr(dyprag.encode, "encode_batch", counting_batch)
+    monkeypatch.setattr(dyprag.encode.BatchedAdamW, "step", diverging_step)
+
+
+def assert_same_loras(bank_dir, reference_dir, ids, atol: float = 1e-6) -> None:
+    """The LoRAs of `ids` in both banks agree within `atol` (the banks' shards checked by sha256)."""
+    from dyprag.bank import LoraBank
+
+    got, expected = LoraBank(bank_dir).load(ids), LoraBank(reference_dir).load(ids)
+    diff = max((got[name][i] - expected[name][i]).abs().max().item() for name in expected for i in (0, 1))
+    assert diff <= atol, diff
+
+
+def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys, tiny_model, demo_data,
+                                                            clean_bank, encode_batches, tmp_path):
+    """A passage of batch 2 diverges: batch 1 (still buffered, shard_size 4) is written, nothing of batch 2;
+    --resume then finishes the bank with the LoRAs of the uninterrupted run."""
+    bad = encode_batches[1][0]
+    out = tmp_path / "bank"
+    with monkeypatch.context() as patch:
+        diverge_after_first_update(patch, batch=2, row=0)
+        with pytest.raises(SystemExit) as stopped:
+            encode_in_process(tiny_model, demo_data, out, "--shard_size", "4")
+    assert stopped.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped (rank 0): the training loss of passage(s) {bad} became NaN/inf (batch 2);")
+    assert "--resume" in last and "--nan_policy skip" in last
+    part = json.loads((out / "index.rank00000.json").read_text())
+    assert sorted(part["passages"]) == sorted(encode_batches[0]) and not (out / "index.json").exists()
+
+    encode_in_process(tiny_model, demo_data, out, "--shard_size", "4", "--resume")
+    assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
+
+
+def test_encode_nan_skip_leaves_the_passage_out(monkeypatch, tiny_model, demo_data, clean_bank, encode_batches,
+                                                tmp_path):
+    from dyprag.bank import LoraBank
+
+    bad = encode_batches[1][0]
+    out = tmp_path / "bank"
+    diverge_after_first_update(monkeypatch, batch=2, row=0)
+    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2", "--nan_policy", "skip")
+    others = [pid for batch in encode_batches for pid in batch if pid != bad]
+    assert sorted(LoraBank(out).passage_ids) == sorted(others)
+    summary = json.loads((out / "encode_summary.json").read_text())
+    assert (summary["passages"], summary["encoded_now"], summary["skipped_passages"]) == (5, 5, 1)
+    assert summary["skipped_passage_ids"] == [bad]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [row.get("skipped_passages") for row in log] == [None, 1, 1]
+    assert all(math.isfinite(row["loss"]) for row in log)
+    # The passage next to it in the batch (and every other) trained exactly as in a run where none diverged.
+    assert_same_loras(out, clean_bank, others, atol=0)
+
+
+def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_model, demo_data, clean_bank,
+                                                                       encode_batches, tmp_path):
+    """Killed half-way through writing the second shard: the index names the first only, and --resume ends with
+    the bank of the uninterrupted run."""
+    import hashlib
+
+    out = tmp_path / "bank"
+    killed = run_stage("encode", "--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
+                       "--output_dir", out, *ENCODE, "--shard_size", "2", check=False,
+                       env=stage_env(KILL_WHILE_WRITING="-shard-00001.safetensors.tmp",
+                                     PYTHONPATH=pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    part = json.loads((out / "index.rank00000.json").read_text())
+    assert list(part["shards"]) == ["rank00000-shard-00000.safetensors"]
+    assert sorted(part["passages"]) == sorted(encode_batches[0])
+    shard = out / "rank00000-shard-00000.safetensors"
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == part["shards"][shard.name]["sha256"]
+    assert (out / ".rank00000-shard-00001.safetensors.tmp").exists()  # the half-written one, under its temp name
+    assert not (out / "rank00000-shard-00001.safetensors").exists()
+
+    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2", "--resume")
+    assert not list(out.glob(".*.tmp"))
+    assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
+
+
+def projector_args(tiny_model, demo_data, bank_dir, out, *extra) -> list:
+    """2 pairs (one per record), one per step: 2 steps per epoch, a checkpoint every step."""
+    return ["--model_name_or_path", tiny_model, "--data_file", demo_data / "demo_qa.json", "--max_samples", "2",
+            "--bank_dir", bank_dir, "--output_dir", out, "--per_device_train_batch_size", "1", "--max_steps", "4",
+            "--save_steps", "1", "--report_to", "none", *extra]
+
+
+def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, demo_data, clean_bank, tmp_path):
+    from dyprag.translator import load_translator
+
+    out = tmp_path / "run"
+    result = run_stage("projector", *projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "1e30"),
+                       check=False, env=stage_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped (rank 0): the training loss is nan at step 2; nothing of this step was applied"), \
+        last
+    assert "--resume_from_checkpoint auto" in last and "--nan_policy skip" in last and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
+    assert not (out / "translator.safetensors").exists()
+    translator = load_translator(out / "checkpoint-1")
+    assert all(bool(param.isfinite().all()) for param in translator.parameters())
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, demo_data, clean_bank, tmp_path):
+    """Steps 2-4 are skipped; with beta1 0 and no weight decay a zero gradient moves nothing, so the final
+    translator is checkpoint-1's exactly."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    run_stage("projector", *projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "1e30",
+                                           "--nan_policy", "skip", "--adam_beta1", "0", "--weight_decay", "0"),
+              env=stage_env(OMP_NUM_THREADS="1"))
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
+    assert log[0]["loss"] > 1 and "skipped_batches" not in log[0]
+    assert [(row["skipped_batches"], row["loss"]) for row in log[1:]] == [(1, 0), (2, 0), (3, 0)]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["skipped_batches"] == 3
+    final, first = load_file(out / "translator.safetensors"), load_file(out / "checkpoint-1" / "translator.safetensors")
+    assert final.keys() == first.keys() and all(torch.equal(final[key], first[key]) for key in final)
+
+
+def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(tiny_model, demo_data,
+                                                                                     clean_bank, tmp_path):
+    """SIGKILL half-way through checkpoint-2's optimizer file: checkpoint-1 is intact, the half-written folder stays
+    under its temp name, and `--resume_from_checkpoint auto` (never the temp folder) ends as the whole run."""
+    from safetensors.torch import load_file
+
+    from dyprag.translator import load_translator
+
+    env = stage_env(OMP_NUM_THREADS="1")
+    args = projector_args(tiny_model, demo_data, clean_bank, tmp_path / "whole", "--learning_rate", "3e-3")
+    run_stage("projector", *args, env=env)
+
+    out = tmp_path / "killed"
+    args = projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "3e-3")
+    killed = run_stage("projector", *args, check=False,
+                       env={**env, "KILL_WHILE_WRITING": ".checkpoint-2.tmp/optimizer.safetensors",
+                            "PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [".checkpoint-2.tmp", "checkpoint-1"]
+    assert (out / ".checkpoint-2.tmp" / "translator.safetensors").exists()  # written before the kill
+    load_translator(out / "checkpoint-1")
+    load_file(out / "checkpoint-1" / "optimizer.safetensors")
+
+    run_stage("projector", *args, "--resume_from_checkpoint", "auto", env=env)
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
+    whole, resumed = load_file(tmp_path / "whole" / "translator.safetensors"), load_file(out / "translator.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert (whole[key] - resumed[key]).abs().max() <= 1e-6, key
+    # Steps 1-2 of the killed run, then 2-4 once more from checkpoint-1: the losses of the whole run.
+    losses = {row["step"]: row["loss"] for row in map(json.loads, (tmp_path / "whole" / "trainer_log.jsonl")
+                                                      .read_text().splitlines())}
+    logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 2, 3, 4]
+    assert [row["loss"] for row in logged] == pytest.approx([losses[row["step"]] for row in logged], abs=1e-6)

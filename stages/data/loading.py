@@ -56,10 +56,16 @@ def check_datasets(names: list[str], dataset_dir: str) -> None:
             _data_files(attr)
 
 
-def _explain_bad_json(files: list[str]) -> str | None:
-    """Name the first malformed JSON file/line, so the user knows where to look."""
+def _explain_bad_file(files: list[str], builder: str) -> str | None:
+    """Name the first text file that is not UTF-8, or the first malformed JSON file/line, so the user knows where to
+    look."""
     for file in files:
-        text = Path(file).read_text(encoding="utf-8", errors="replace")
+        try:
+            text = Path(file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"{file} is not UTF-8 text (byte {err.start}); save it as UTF-8, uncompressed"
+        if builder != "json":
+            continue
         if not file.endswith(".jsonl"):
             try:
                 json.loads(text)
@@ -94,8 +100,8 @@ def load_raw(attr: DatasetAttr, data_args: DataArguments, seed: int) -> Dataset 
     try:
         dataset = load_dataset(**kwargs, split=attr.split, streaming=data_args.streaming)
     except Exception as err:  # datasets wraps parse errors in several exception types
-        reason = (_explain_bad_json(files) if files and kwargs["path"] == "json" else None) or \
-            str(err).strip().splitlines()[0]
+        text_files = files if kwargs["path"] in ("json", "csv", "text") else []
+        reason = _explain_bad_file(text_files, kwargs["path"]) or str(err).strip().splitlines()[0]
         raise UserError(f"dataset {attr.name!r} could not be loaded: {reason}; fix the data or its entry.") from None
     limit = data_args.max_samples or attr.num_samples
     if limit is not None:  # the first rows, streamed or not (shuffling first would pick others)
