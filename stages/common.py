@@ -163,11 +163,7 @@ def train_and_save(trainer, training_args, run_args, plot_keys: tuple[str, ...] 
     from .callbacks import plot_loss
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        # run_config.json is the readable record of the arguments; the Trainer's copy is a
-        # pickle, which a checkpoint of ours never holds.
-        Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)
+    trainer.save_model()  # StageTrainer: safetensors + JSON, no pickled TrainingArguments
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

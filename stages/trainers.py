@@ -7,21 +7,54 @@ bitsandbytes (seconds): `import stages.sft` stays light, and `run_sft` imports t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .common import restore_rng_state, save_rng_state
 from .errors import RunStopped
 
 logger = logging.getLogger(__name__)
 
 
 STAGING_DIR = ".saving"  # under output_dir: checkpoints being written (never a resume candidate)
+# What a checkpoint holds besides the weights, as safetensors + JSON (Trainer's own files are pickles).
+OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
+SCHEDULER_JSON, SCALER_JSON, RNG_FILE = "scheduler.json", "scaler.json", "rng_state_{rank}.safetensors"
+
+
+def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path) -> None:
+    """A torch optimizer's state_dict as tensors (safetensors, "<param index>.<key>") + the rest (JSON)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    (folder / OPTIMIZER_JSON).write_text(json.dumps({"state": scalars, "param_groups": state_dict["param_groups"]}),
+                                         encoding="utf-8")
+
+
+def optimizer_state_from_files(folder: Path) -> dict[str, Any]:
+    """The state_dict `optimizer_state_to_files` wrote."""
+    saved = json.loads((folder / OPTIMIZER_JSON).read_text(encoding="utf-8"))
+    state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in saved["state"].items()}
+    for name, tensor in load_file(str(folder / OPTIMIZER_TENSORS)).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 class StageTrainer(Trainer):
@@ -91,6 +124,56 @@ class StageTrainer(Trainer):
             with contextlib.suppress(OSError):  # empty now, unless another save is under way
                 os.rmdir(staging_root)
         self.accelerator.wait_for_everyone()
+
+    # Checkpoint files: safetensors + JSON instead of Trainer's pickles (torch.save). Under DeepSpeed
+    # the optimizer state stays in DeepSpeed's own checkpoint format (its engine writes and reads it).
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # Trainer pickles the TrainingArguments next to the weights; run_config.json holds them as JSON.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return None
+        try:
+            scheduler = json.dumps(self.lr_scheduler.state_dict())
+            optimizer_state_to_files(self.optimizer.state_dict(), Path(output_dir))
+        except TypeError as err:  # an optimizer/scheduler with state JSON cannot hold: Trainer's own files
+            logger.warning("optimizer or scheduler state is not JSON-serialisable (%s): saved with torch.save", err)
+            return super()._save_optimizer_and_scheduler(output_dir)
+        Path(output_dir, SCHEDULER_JSON).write_text(scheduler, encoding="utf-8")
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self.is_deepspeed_enabled or not os.path.isfile(os.path.join(checkpoint,
+                                                                                              OPTIMIZER_JSON)):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # DeepSpeed's, or a plain Trainer checkpoint
+        self.optimizer.load_state_dict(optimizer_state_from_files(Path(checkpoint)))
+        self.lr_scheduler.load_state_dict(json.loads(Path(checkpoint, SCHEDULER_JSON).read_text(encoding="utf-8")))
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            Path(output_dir, SCALER_JSON).write_text(json.dumps(scaler.state_dict()), encoding="utf-8")
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, SCALER_JSON)):
+            return super()._load_scaler(checkpoint)
+        self.accelerator.scaler.load_state_dict(json.loads(Path(checkpoint, SCALER_JSON).read_text(encoding="utf-8")))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)  # a rank may get here before rank 0 made the folder
+        save_rng_state(Path(output_dir, RNG_FILE.format(rank=self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        path = Path(checkpoint or "", RNG_FILE.format(rank=self.args.process_index))
+        if checkpoint is None or not path.is_file():
+            return super()._load_rng_state(checkpoint)
+        restore_rng_state(path)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.skipped_batches:

@@ -112,25 +112,26 @@ KILL_DURING_SAVE = '''
 import os
 import signal
 
-import transformers
+from stages.trainers import StageTrainer
 
-save_rng = transformers.Trainer._save_rng_state
+save_rng = StageTrainer._save_rng_state
 
 
-def dying_save(self, output_dir):  # the model and optimizer of this checkpoint are written by now
+def dying_save(self, output_dir):  # the model, optimizer and scheduler of this checkpoint are written by now
     if self.state.global_step == int(os.environ["KILL_AT_SAVE_OF_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return save_rng(self, output_dir)
 
 
-transformers.Trainer._save_rng_state = dying_save
+StageTrainer._save_rng_state = dying_save
 '''
 
 
 @pytest.mark.parametrize("stage", ["pt", "sft"])
 def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage, tiny_model, demo_data, tmp_path):
     """SIGKILL in the middle of writing checkpoint-2: checkpoint-1 is intact, no half checkpoint-2 appears,
-    and `--resume_from_checkpoint last` ends with the weights of a run that was never interrupted."""
+    and `--resume_from_checkpoint last` (optimizer, scheduler and RNG from safetensors + JSON) ends with
+    the weights of a run that was never interrupted."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -153,6 +154,8 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     run_stage(stage, *args, "--output_dir", out, "--resume_from_checkpoint", "last", env=env)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
     assert not (out / ".saving").exists()
+    pickles = [str(p.relative_to(out)) for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    assert not pickles, pickles  # checkpoints and outputs: safetensors + JSON only
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     assert whole.keys() == resumed.keys()
     for key in whole:
