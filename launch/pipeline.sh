@@ -69,7 +69,7 @@ wants pt && run_stage pt $(checkpoint_or_restart pt) -- --model_name_or_path "$W
   --dataset_dir "$DATA" "${REDUCED_TRAIN[@]}"
 wants sft && run_stage sft $(checkpoint_or_restart sft) -- --dataset_dir "$DATA" "${REDUCED_TRAIN[@]}"
 wants rm && run_stage rm $(checkpoint_or_restart rm) -- --dataset_dir "$DATA" "${REDUCED_TRAIN[@]}"
-wants ppo && run_stage ppo -- --dataset_dir "$DATA" "${REDUCED_TRAIN[@]}"
+wants ppo && run_stage ppo $(checkpoint_or_restart ppo) -- --dataset_dir "$DATA" "${REDUCED_TRAIN[@]}"
 if wants export && ! is_complete sft_merged; then
   # DyPRAG's frozen base: pt's model with sft's adapter merged (one plain model folder).
   echo "== export: python -m stages.export --model_name_or_path $WORK_DIR/pt --adapter_name_or_path $WORK_DIR/sft"
