@@ -208,3 +208,20 @@ def restore_rng_state(path: Path) -> None:
     numpy_name, numpy_pos, numpy_has_gauss, numpy_gauss = json.loads(metadata["numpy"])
     np.random.set_state((numpy_name, tensors["numpy"].numpy().astype(np.uint32), numpy_pos, numpy_has_gauss,
                          numpy_gauss))
+
+
+def finite_on_every_rank(loss: Any, world: int) -> bool:
+    """Whether `loss` is finite on every rank. All ranks call it and get the same answer, so they all
+    take the same branch: none is left waiting alone in the backward's gradient reduction."""
+    import torch
+
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def no_gradient_loss(parameters: Any) -> Any:
+    """A zero that reaches every trainable parameter (`--nan_policy skip`): each rank still runs the same
+    backward and gradient reduction, and the micro-batch adds no gradient."""
+    return sum((param * 0).sum() for param in parameters if param.requires_grad)

@@ -26,7 +26,7 @@ from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
-from .common import restore_rng_state, save_rng_state
+from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
 from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments
 from .errors import RunStopped, UserError
 from .trainers import STAGING_DIR
@@ -196,10 +196,7 @@ class PolicyTrainer(PPOTrainer):
         """Wrap the accelerator's backward (TRL's loop calls it once per PPO micro-batch) with the NaN policy."""
 
         def checked_backward(loss: torch.Tensor, **kwargs: Any) -> None:
-            finite = torch.isfinite(loss.detach()).all().float()
-            if self.accelerator.num_processes > 1:  # every rank takes the same branch (no rank left in a collective)
-                finite = self.accelerator.reduce(finite, reduction="sum") == self.accelerator.num_processes
-            if not bool(finite):
+            if not finite_on_every_rank(loss, self.accelerator.num_processes):
                 update = self.state.global_step + 1
                 if self.nan_policy == "stop":
                     raise RunStopped(f"the PPO loss is {loss.detach().float().item()} at update {update} (on this "
@@ -209,7 +206,7 @@ class PolicyTrainer(PPOTrainer):
                 self.skipped_batches += 1
                 logger.warning("non-finite PPO loss at update %d: micro-batch skipped (%d so far)", update,
                                self.skipped_batches)
-                loss = sum((param * 0).sum() for param in self.model.parameters() if param.requires_grad)
+                loss = no_gradient_loss(self.model.parameters())
             backward(loss, **kwargs)
 
         return checked_backward

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainingArguments
 
-from .common import restore_rng_state, save_rng_state
+from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
 from .deepspeed_utils import gather_moments, gather_weights, restore_moments, without_round_robin_gradients
 from .errors import RunStopped, UserError, main_guard
 
@@ -305,17 +305,6 @@ def load_pairs(proj_args: ProjectorArguments, tokenizer: Any) -> tuple[list[Pair
     return pairs, bank
 
 
-def finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
-    """Whether `loss` is finite on every rank. All ranks call it and get the same answer, so they all
-    take the same branch: none is left waiting alone in the backward's gradient reduction."""
-    import torch
-
-    finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-    if world > 1:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite)
-
-
 class Teachers:
     """The bank LoRAs of the training passages: copied into RAM once, or gathered from the memory-mapped bank."""
 
@@ -490,9 +479,7 @@ def run_projector(argv: list[str] | None = None) -> None:
                                  f"micro-batches.")
             skipped += 1
             logger.warning("%s at step %d: micro-batch skipped (%d so far)", what, step + 1, skipped)
-            # A zero that reaches every translator parameter: each rank still runs the same backward and
-            # gradient reduction, and the micro-batch counts 0 in the logged means.
-            loss = sum((param * 0).sum() for param in engine.module.parameters() if param.requires_grad)
+            loss = no_gradient_loss(engine.module.parameters())  # counts 0 in the logged means
             values = torch.zeros_like(values)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates at the accumulation boundary only

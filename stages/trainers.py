@@ -21,7 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .common import restore_rng_state, save_rng_state
+from .common import no_gradient_loss, restore_rng_state, save_rng_state
 from .errors import RunStopped
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class StageTrainer(Trainer):
                              f"--resume_from_checkpoint last, or pass --nan_policy skip to drop such batches.")
         self.skipped_batches += 1
         logger.warning("non-finite loss at step %d: micro-batch skipped (%d so far)", step, self.skipped_batches)
-        zero = sum((param * 0).sum() for param in model.parameters() if param.requires_grad)
+        zero = no_gradient_loss(model.parameters())
         return (zero, result[1]) if return_outputs else zero
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, launch, run_stage, stage_env
+from test_reliability import pythonpath_with_hook
 
 QUESTIONS = "river city clock tower blue green red castle bridge garden lamp stone mountain".split()
 
@@ -167,13 +168,6 @@ def _ppo_runs(runs: dict[str, tuple[list, dict]]) -> dict[str, subprocess.Comple
         return dict(zip(runs, pool.map(run, runs.values())))
 
 
-def _hook(tmp_path: Path, name: str, source: str) -> str:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(source)  # run first by the stage's interpreter
-    return f"{folder}:{stage_env()['PYTHONPATH']}"
-
-
 def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_rm, yes_no_data, tmp_path):
     """Killed while writing checkpoint-2: checkpoint-1 stays whole, and resuming from it ends where a run
     that was never interrupted ends (policy, value model, Adam moments, the logged rewards)."""
@@ -184,9 +178,9 @@ def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_
     sft, rm = sft_and_rm
     args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
+    kill = {"PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_DURING_SAVE)}
     results = _ppo_runs({"whole": ([*args, "--output_dir", whole], {}),
-                         "killed": ([*args, "--output_dir", killed], {"PYTHONPATH": _hook(tmp_path, "kill",
-                                                                                          KILL_DURING_SAVE)})})
+                         "killed": ([*args, "--output_dir", killed], kill)})
     assert results["whole"].returncode == 0, results["whole"].stderr[-3000:]
     assert results["killed"].returncode == -9, results["killed"].stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-1"]
@@ -216,7 +210,7 @@ def test_nan_loss_stops_or_is_skipped(sft_and_rm, yes_no_data, tmp_path):
 
     sft, rm = sft_and_rm
     args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
-    poison = {"PYTHONPATH": _hook(tmp_path, "poison", POISON_ONE_BATCH), "POISON_CALL": "3"}  # 2 per update
+    poison = {"PYTHONPATH": pythonpath_with_hook(tmp_path, POISON_ONE_BATCH), "POISON_CALL": "3"}  # 2 per update
     stop, skip = tmp_path / "stop", tmp_path / "skip"
     results = _ppo_runs({"stop": ([*args, "--output_dir", stop], poison),
                          "skip": ([*args, "--output_dir", skip, "--nan_policy", "skip"], poison)})
