@@ -16,6 +16,7 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "run_config.json"
+STAGING_DIR = ".saving"  # under output_dir: checkpoints being written (never a resume candidate)
 # Secret-bearing argument names: hub_token-style keys (as TrainingArguments.to_dict sees them) and
 # anything naming a key/password. Plain "token" inside a name (max_new_tokens) is not a secret.
 SECRET_WORDS = ("api_key", "password", "secret")
@@ -79,14 +80,23 @@ def prepare_output_dir(training_args, run_args) -> None:
         check_checkpoint_files(Path(training_args.resume_from_checkpoint))
     # Only global rank 0 judges: the other ranks may look after rank 0 has written its first
     # files (run_config.json) and would take them for an old run. If rank 0 refuses, the
-    # launcher stops every rank. A folder holding only our run_config.json is an attempt that
-    # stopped at a user error (the config is written before the data is read): not a run.
-    has_run = os.environ.get("RANK", "0") == "0" and output_dir.is_dir() and any(
-        path.name != CONFIG_FILE for path in output_dir.iterdir())
+    # launcher stops every rank. A folder holding only our run_config.json (an attempt that
+    # stopped at a user error: the config is written before the data is read) and a first
+    # checkpoint that never finished writing (`.saving/`, `.checkpoint-N.tmp`) is not a run.
+    has_run = os.environ.get("RANK", "0") == "0" and output_dir.is_dir() and not all(
+        _unfinished_attempt(path.name) for path in output_dir.iterdir())
     if has_run and training_args.do_train and not resume and not run_args.overwrite_output_dir:
+        if get_last_checkpoint(str(output_dir)) is None:
+            raise UserError(f"--output_dir {output_dir} already holds a run (with no checkpoint to continue from); "
+                            f"pick a new folder, or add --overwrite_output_dir to start it again there.")
         raise UserError(f"--output_dir {output_dir} already holds a run; pick a new folder, add "
                         f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir to write over it.")
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _unfinished_attempt(name: str) -> bool:
+    """A file or folder of output_dir that a run leaves when it stops before its first checkpoint is whole."""
+    return name in (CONFIG_FILE, STAGING_DIR) or (name.startswith(".checkpoint-") and name.endswith(".tmp"))
 
 
 def check_checkpoint_files(folder: Path) -> None:

@@ -81,6 +81,13 @@ def _torch_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def _wrapper_with(optimizer: Any, attribute: str) -> Any:
+    # The optimizer in the wrapper chain (accelerate -> ZeRO -> torch) that has `attribute`, or None.
+    while optimizer is not None and not hasattr(optimizer, attribute):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
 def _is_partitioned(param: Any) -> bool:
     # ZeRO-1/2 link each parameter to its slice of a flat fp32 master (_hp_mapping; None on ranks without
     # one); ZeRO-3 parameters carry a ds_id.
@@ -97,6 +104,26 @@ def gather_weights(module: Any) -> dict[str, Any]:
 
     return {name: safe_get_full_fp32_param(param) if _is_partitioned(param) else param.detach().float()
             for name, param in _trained(module)}
+
+
+def restore_weights(module: Any, weights: dict[str, Any]) -> None:
+    """Put saved whole fp32 trained weights into a running module, each rank its part.
+
+    Both copies are set: the parameter the forward pass reads (compute dtype; under ZeRO-3 a
+    partition, gathered and re-partitioned here) and ZeRO's fp32 master that the optimizer
+    steps, so the next step equals the one of a run that never stopped. All ranks must call it.
+    """
+    import torch
+    from deepspeed import zero
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        for name, param in _trained(module):
+            value = weights[name].to(param.device)
+            with zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+                param.data.copy_(value.view_as(param.data).to(param.dtype))
+            if _is_partitioned(param):
+                safe_set_full_fp32_param(param, value)
 
 
 def gather_moments(module: Any, optimizer: Any) -> dict[str, Any]:
@@ -118,16 +145,17 @@ def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: 
     import torch
 
     base = _torch_optimizer(optimizer)
-    for group in base.param_groups:
-        for flat in group["params"]:
-            count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
-            base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step.
+    zero3 = _wrapper_with(optimizer, "fp32_partitioned_groups_flat")
+    flats = zero3.fp32_partitioned_groups_flat if zero3 is not None else [
+        flat for group in base.param_groups for flat in group["params"]]
+    for flat in flats:
+        count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
+        base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     trained = _trained(module)
     partitioned = any(_is_partitioned(param) for _, param in trained)
     # ZeRO-1/2 link every parameter's slice to the state just created at their first step: done here.
-    zero = optimizer
-    while zero is not None and not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        zero = getattr(zero, "optimizer", None)
+    zero = _wrapper_with(optimizer, "_lazy_init_hp_params_optimizer_state")
     if partitioned and zero is not None:
         zero._lazy_init_hp_params_optimizer_state()
     from deepspeed.utils import safe_set_full_optimizer_state
@@ -139,6 +167,12 @@ def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: 
                 safe_set_full_optimizer_state(param, value, key)
             else:
                 base.state[param][key].copy_(value)
+
+
+def has_adam_moments(optimizer: Any) -> bool:
+    """Whether the (innermost) optimizer keeps Adam's moments, the state `gather_moments` saves."""
+    state = next(iter(_torch_optimizer(optimizer).state.values()), {})
+    return all(key in state for key in MOMENTS)
 
 
 def optimizer_step(optimizer: Any) -> int:

@@ -284,6 +284,11 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
             raise
         except (ValueError, TypeError) as err:  # TrainingArguments validates in __post_init__
             raise UserError(f"invalid arguments: {str(err).strip().splitlines()[0]}") from None
+        ds_config = getattr(outputs[-1], "hf_deepspeed_config", None)  # the dict the Trainer's engine is built from
+        if ds_config is not None:
+            from .deepspeed_utils import without_round_robin_gradients
+
+            without_round_robin_gradients(ds_config.config)  # our checkpoints gather ZeRO partitions
     from .common import setup_logging
 
     setup_logging()

@@ -26,10 +26,9 @@ from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
-from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
+from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
 from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments
 from .errors import RunStopped, UserError
-from .trainers import STAGING_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,17 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .common import no_gradient_loss, restore_rng_state, save_rng_state
-from .errors import RunStopped
+from .common import STAGING_DIR, no_gradient_loss, restore_rng_state, save_rng_state
+from .errors import RunStopped, UserError
 
 logger = logging.getLogger(__name__)
 
 
-STAGING_DIR = ".saving"  # under output_dir: checkpoints being written (never a resume candidate)
 # What a checkpoint holds besides the weights, as safetensors + JSON (Trainer's own files are pickles).
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_JSON, SCALER_JSON, RNG_FILE = "scheduler.json", "scaler.json", "rng_state_{rank}.safetensors"
+# Under DeepSpeed: every trained tensor's fp32 master, whole (the saved model may be bf16; ZeRO splits the master).
+TRAINED_WEIGHTS = "trained_weights.safetensors"
 
 
 def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path) -> None:
@@ -55,6 +56,39 @@ def optimizer_state_from_files(folder: Path) -> dict[str, Any]:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = tensor
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+@contextlib.contextmanager
+def _whole_tensor_deepspeed_checkpoints():
+    """Let Trainer resume a DeepSpeed run from our checkpoint format.
+
+    Under DeepSpeed, Trainer hands a checkpoint to the engine's own loader (which wants its
+    pickled global_step*/ files) before calling `_load_optimizer_and_scheduler`, and again for
+    `load_best_model_at_end`. For our checkpoints that call puts the trained weights back
+    (fp32 masters too) and the optimizer state follows in `_load_deepspeed_state`.
+    """
+    import glob
+
+    import transformers.trainer as hf_trainer
+
+    from .deepspeed_utils import restore_weights
+
+    engine_loader = hf_trainer.deepspeed_load_checkpoint
+
+    def load(engine: Any, checkpoint: str, **kwargs: Any) -> None:
+        if os.path.isfile(os.path.join(checkpoint, TRAINED_WEIGHTS)):
+            restore_weights(engine.module, load_file(os.path.join(checkpoint, TRAINED_WEIGHTS)))
+        elif glob.glob(os.path.join(checkpoint, "global_step*")):  # written by DeepSpeed's engine
+            engine_loader(engine, checkpoint, **kwargs)
+        else:
+            raise UserError(f"--resume_from_checkpoint {checkpoint} was written without DeepSpeed (no "
+                            f"{TRAINED_WEIGHTS}); resume it without --deepspeed, on one process.")
+
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = engine_loader
 
 
 class StageTrainer(Trainer):
@@ -125,8 +159,13 @@ class StageTrainer(Trainer):
                 os.rmdir(staging_root)
         self.accelerator.wait_for_everyone()
 
-    # Checkpoint files: safetensors + JSON instead of Trainer's pickles (torch.save). Under DeepSpeed
-    # the optimizer state stays in DeepSpeed's own checkpoint format (its engine writes and reads it).
+    # Checkpoint files: safetensors + JSON instead of Trainer's pickles (torch.save), with or without
+    # DeepSpeed. Under DeepSpeed a checkpoint holds whole tensors by parameter name (gathered from
+    # the ZeRO partitions) where the engine's own checkpoint would pickle one file per rank.
+
+    def train(self, *args, **kwargs):
+        with _whole_tensor_deepspeed_checkpoints():
+            return super().train(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
@@ -136,7 +175,7 @@ class StageTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:
-            return super()._save_optimizer_and_scheduler(output_dir)
+            return self._save_deepspeed_state(Path(output_dir))
         if not self.args.should_save:
             return None
         try:
@@ -148,12 +187,44 @@ class StageTrainer(Trainer):
         Path(output_dir, SCHEDULER_JSON).write_text(scheduler, encoding="utf-8")
         return None
 
+    def _save_deepspeed_state(self, folder: Path) -> None:
+        """Trained fp32 masters, their Adam moments, the step count and the scheduler. All ranks gather."""
+        from .deepspeed_utils import gather_moments, gather_weights, has_adam_moments, optimizer_step
+
+        if not has_adam_moments(self.optimizer):  # e.g. SGD, Adafactor: the engine's own (pickled) checkpoint
+            logger.warning("optimizer %s keeps no Adam moments: checkpoint written in DeepSpeed's format",
+                           type(self.optimizer).__name__)
+            return super()._save_optimizer_and_scheduler(str(folder))
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        weights, moments = gather_weights(model), gather_moments(model, self.optimizer)
+        if self.args.should_save:
+            save_file({name: tensor.contiguous().cpu() for name, tensor in weights.items()},
+                      str(folder / TRAINED_WEIGHTS))
+            save_file({name: tensor.float().contiguous().cpu() for name, tensor in moments.items()},
+                      str(folder / OPTIMIZER_TENSORS))
+            (folder / OPTIMIZER_JSON).write_text(json.dumps({"step": optimizer_step(self.optimizer)}),
+                                                 encoding="utf-8")
+            (folder / SCHEDULER_JSON).write_text(json.dumps(self.lr_scheduler.state_dict()), encoding="utf-8")
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, TRAINED_WEIGHTS)):
+            return self._load_deepspeed_state(Path(checkpoint))
         if checkpoint is None or self.is_deepspeed_enabled or not os.path.isfile(os.path.join(checkpoint,
                                                                                               OPTIMIZER_JSON)):
             return super()._load_optimizer_and_scheduler(checkpoint)  # DeepSpeed's, or a plain Trainer checkpoint
         self.optimizer.load_state_dict(optimizer_state_from_files(Path(checkpoint)))
         self.lr_scheduler.load_state_dict(json.loads(Path(checkpoint, SCHEDULER_JSON).read_text(encoding="utf-8")))
+
+    def _load_deepspeed_state(self, checkpoint: Path) -> None:
+        """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks)."""
+        from .deepspeed_utils import restore_moments
+
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        step = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))["step"]
+        restore_moments(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)), step)
+        self.lr_scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
+        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's state alone does not set them
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)

@@ -167,14 +167,32 @@ def test_sft_lora_two_ranks(zero, how, tiny_model, demo_data, base_snapshot, tmp
         assert torch.equal(merged_state[name], weight) != targeted, name
 
 
-def test_pt_two_ranks_with_eval(tiny_model, demo_data, tmp_path):
+def _assert_resumed_like_whole(whole: Path, resumed: Path) -> None:
+    """The resumed run ends with the uninterrupted run's adapter, and no checkpoint holds a pickle."""
+    from safetensors.torch import load_file
+
+    pickles = [str(p) for p in [*whole.rglob("*"), *resumed.rglob("*")]
+               if p.suffix in (".pt", ".pth", ".bin", ".pkl") or p.name.startswith("global_step")]
+    assert not pickles, pickles
+    for checkpoint in whole.glob("checkpoint-*"):
+        assert {"trained_weights.safetensors", "optimizer.safetensors", "scheduler.json"} <= {
+            p.name for p in checkpoint.iterdir()}, checkpoint
+    expected, got = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max() <= 1e-6, key
+
+
+def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo_data, tmp_path):
+    """ZeRO-2 on two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same adapter."""
     from stages.callbacks import read_log
 
     out = tmp_path / "pt"
-    launch("pt", "--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
-           "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--output_dir", out, "--do_train",
-           "--do_eval", "--max_steps", "4", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-           "--report_to", "none", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
+    args = ["--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
+            "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--do_train", "--max_steps", "4",
+            "--save_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "2",
+            "--logging_steps", "1", "--report_to", "none"]
+    launch("pt", *args, "--output_dir", out, "--do_eval", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
 
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -183,13 +201,24 @@ def test_pt_two_ranks_with_eval(tiny_model, demo_data, tmp_path):
     assert math.isfinite(metrics["eval_loss"])
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
 
+    resumed = tmp_path / "resumed"
+    launch("pt", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-2", nproc=2,
+           DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
+    _assert_resumed_like_whole(out, resumed)
+
 
 def test_deepspeed_config_without_launcher_runs_as_one_rank(tiny_model, demo_data, tmp_path):
-    """`python -m stages.sft --deepspeed zero3.json` (no launcher) is a world of one, not an MPI traceback."""
+    """`python -m stages.sft --deepspeed zero3.json` (no launcher) is a world of one, not an MPI traceback;
+    its ZeRO-3 checkpoint resumes to the adapter of the uninterrupted run."""
+    args = ["--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
+            "--max_samples", "8", "--cutoff_len", "64", "--do_train", "--max_steps", "2", "--save_steps", "1",
+            "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
+            "--deepspeed", ROOT / "ds_configs" / "zero3.json", "--report_to", "none"]
     out = tmp_path / "sft"
-    run_stage("sft", "--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
-              "--max_samples", "8", "--cutoff_len", "64", "--output_dir", out, "--do_train", "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--deepspeed", ROOT / "ds_configs" / "zero3.json",
-              "--report_to", "none")
+    run_stage("sft", *args, "--output_dir", out)
     assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+
+    resumed = tmp_path / "resumed"
+    run_stage("sft", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-1")
+    _assert_resumed_like_whole(out, resumed)

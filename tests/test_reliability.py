@@ -168,6 +168,31 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     assert tail == pytest.approx({step: losses[step] for step in (2, 3, 4)}, abs=1e-5)
 
 
+@pytest.mark.parametrize("leftover", [".saving/checkpoint-1/model.safetensors", ".checkpoint-1.tmp/translator.safetensors"])
+def test_a_run_killed_during_its_first_save_starts_again_without_overwrite(leftover, tmp_path):
+    """Nothing whole was written (only run_config.json and a half checkpoint): the same command starts anew.
+    Anything else in the folder is a run and is refused, with the fix that applies (resume only from a checkpoint)."""
+    from types import SimpleNamespace
+
+    from stages.common import prepare_output_dir
+    from stages.errors import UserError
+
+    out = tmp_path / "run"
+    (out / leftover).parent.mkdir(parents=True)
+    (out / leftover).write_bytes(b"half")
+    (out / "run_config.json").write_text("{}")
+    training_args = SimpleNamespace(do_train=True, do_eval=False, do_predict=False, output_dir=str(out),
+                                    resume_from_checkpoint=None)
+    run_args = SimpleNamespace(overwrite_output_dir=False)
+    prepare_output_dir(training_args, run_args)
+    for kept, fix in (("checkpoint-1", "--resume_from_checkpoint last"), ("trainer_log.jsonl", "--overwrite_output")):
+        (out / kept).mkdir()
+        with pytest.raises(UserError, match="already holds a run") as refused:
+            prepare_output_dir(training_args, run_args)
+        assert fix in str(refused.value)
+        (out / kept).rmdir()
+
+
 # -------------------------------------------------------- projector and encode: loops of their own
 
 KILL_WHILE_WRITING = '''
