@@ -191,9 +191,12 @@ class StageTrainer(Trainer):
         """Trained fp32 masters, their Adam moments, the step count and the scheduler. All ranks gather."""
         from .deepspeed_utils import gather_moments, gather_weights, has_adam_moments, optimizer_step
 
-        if not has_adam_moments(self.optimizer):  # e.g. SGD, Adafactor: the engine's own (pickled) checkpoint
-            logger.warning("optimizer %s keeps no Adam moments: checkpoint written in DeepSpeed's format",
-                           type(self.optimizer).__name__)
+        # Mixed precision under DeepSpeed (bf16/fp16 optimizers) is not covered yet: deepspeed 0.19.8's
+        # bf16 ZeRO-2 left the moments unlinked from its parameters here. Those, and optimizers without
+        # Adam moments, keep the engine's own (pickled) checkpoint.
+        if self.args.bf16 or self.args.fp16 or not has_adam_moments(self.optimizer):
+            logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format",
+                           "bf16/fp16" if self.args.bf16 or self.args.fp16 else type(self.optimizer).__name__)
             return super()._save_optimizer_and_scheduler(str(folder))
         model = self.accelerator.unwrap_model(self.model_wrapped)
         weights, moments = gather_weights(model), gather_moments(model, self.optimizer)

@@ -24,7 +24,8 @@ METHODS = ["vanilla", "rag", "prag", "prag_combine", "dyprag", "dyprag_combine"]
 
 
 def _pipeline(work: Path, log: Path) -> subprocess.Popen:
-    env = stage_env(WORK_DIR=str(work), PRESET="tiny", DEMO_SCALE="reduced", NPROC_PER_NODE="2",
+    # BF16=true: every stage's bf16 path runs here (the demo picks fp32 on CPUs that emulate bf16).
+    env = stage_env(WORK_DIR=str(work), PRESET="tiny", DEMO_SCALE="reduced", NPROC_PER_NODE="2", BF16="true",
                     OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), WANDB_DIR=str(work))
     return subprocess.Popen(["bash", str(ROOT / "launch" / "pipeline.sh")], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
