@@ -169,13 +169,26 @@ def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: 
                 base.state[param][key].copy_(value)
 
 
+def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
+    """Put a saved LR scheduler state back, and its learning rates into the optimizer's groups
+    (the scheduler's state alone leaves them at their initial values until its next step)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def _first_state(optimizer: Any) -> dict[str, Any]:
+    # One parameter's state in the innermost optimizer ({} before its first step).
+    return next(iter(_torch_optimizer(optimizer).state.values()), {})
+
+
 def has_adam_moments(optimizer: Any) -> bool:
     """Whether the (innermost) optimizer keeps Adam's moments, the state `gather_moments` saves."""
-    state = next(iter(_torch_optimizer(optimizer).state.values()), {})
+    state = _first_state(optimizer)
     return all(key in state for key in MOMENTS)
 
 
 def optimizer_step(optimizer: Any) -> int:
     """How many updates the (innermost) Adam optimizer has made: its per-parameter step count."""
-    state = next(iter(_torch_optimizer(optimizer).state.values()), None)
+    state = _first_state(optimizer)
     return int(state["step"]) if state else 0

@@ -27,7 +27,7 @@ from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
 from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments
+from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments, restore_scheduler
 from .errors import RunStopped, UserError
 
 logger = logging.getLogger(__name__)
@@ -185,9 +185,7 @@ class PolicyTrainer(PPOTrainer):
                             f"batch sizes and run length.")
         wrapper = self.accelerator.unwrap_model(self.model)
         restore_moments(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), state["optimizer_step"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_scheduler(self.lr_scheduler, state["scheduler"])
         logger.info("resuming from %s after update %d", checkpoint, state["updates"])
         return state["updates"]
 

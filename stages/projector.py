@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from transformers import TrainingArguments
 
 from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import gather_moments, gather_weights, restore_moments, without_round_robin_gradients
+from .deepspeed_utils import (gather_moments, gather_weights, restore_moments, restore_scheduler,
+                              without_round_robin_gradients)
 from .errors import RunStopped, UserError, main_guard
 
 if TYPE_CHECKING:
@@ -374,9 +375,7 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     if checkpoint is not None:
         _, moments, state = checkpoint
         restore_moments(engine.module, engine.optimizer, moments, state["global_step"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_scheduler(scheduler, state["scheduler"])
     return engine, scheduler
 
 

@@ -220,14 +220,12 @@ class StageTrainer(Trainer):
 
     def _load_deepspeed_state(self, checkpoint: Path) -> None:
         """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks)."""
-        from .deepspeed_utils import restore_moments
+        from .deepspeed_utils import restore_moments, restore_scheduler
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
         step = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))["step"]
         restore_moments(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)), step)
-        self.lr_scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
-        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-            group["lr"] = lr  # the scheduler's state alone does not set them
+        restore_scheduler(self.lr_scheduler, json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
