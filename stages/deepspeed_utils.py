@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ def init_single_process_env() -> None:
     without the launcher's RANK/WORLD_SIZE/MASTER_* DeepSpeed would try MPI discovery. A run
     under a launcher (RANK set) is left alone.
     """
-    import os
     import socket
 
     if "RANK" in os.environ:
@@ -60,6 +60,29 @@ def init_single_process_env() -> None:
 # parameter name, so a run resumes on any number of ranks and nothing is pickled.
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state (torch AdamW and DeepSpeedCPUAdam)
+
+
+def init_deepspeed_comm() -> None:
+    """Set up `deepspeed.comm` (over the process group accelerate made, if any) once per process.
+
+    On CPU ranks of one machine DeepSpeed maps a 69 MB shared-memory allreduce buffer per rank
+    under /dev/shm and never unlinks it: every run would leave 69 MB of RAM per rank behind
+    until reboot. Once every rank has mapped its peers' buffers (the barrier), each rank
+    unlinks its own name; the mappings live on until the process exits, however it exits.
+    """
+    import deepspeed
+
+    if deepspeed.comm.is_initialized():
+        return
+    # zero.Init and the engine take the world from deepspeed.comm; on CPU ranks accelerate set up
+    # the gloo group without telling DeepSpeed, so wrap that group now (else a world of one).
+    deepspeed.init_distributed()
+    if getattr(deepspeed.comm.comm.cdb, "shm_comm_op", None) is None:
+        return
+    deepspeed.comm.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{deepspeed.comm.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def without_round_robin_gradients(config: dict[str, Any]) -> None:

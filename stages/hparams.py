@@ -289,6 +289,10 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
             from .deepspeed_utils import without_round_robin_gradients
 
             without_round_robin_gradients(ds_config.config)  # our checkpoints gather ZeRO partitions
+    if values.get("deepspeed"):
+        from .deepspeed_utils import init_deepspeed_comm
+
+        init_deepspeed_comm()
     from .common import setup_logging
 
     setup_logging()

@@ -282,13 +282,7 @@ def load_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments,
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     compute_dtype = compute_dtype or torch.float32
-    zero3 = is_deepspeed_zero3_enabled()
-    if zero3 and torch.distributed.is_initialized():
-        import deepspeed
-
-        # zero.Init takes the world size from deepspeed.comm; on CPU ranks (use_cpu) accelerate set
-        # up the gloo group without telling DeepSpeed, so wrap that group now (else world size 1).
-        deepspeed.init_distributed()
+    zero3 = is_deepspeed_zero3_enabled()  # deepspeed.comm is set up already (hparams.parse_args)
     quant_config = build_quantization_config(model_args.quantization_bit, model_args.quantization_type,
                                              model_args.double_quantization, compute_dtype, zero3)
     full = is_trainable and finetuning_args.finetuning_type == "full"

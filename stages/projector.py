@@ -359,11 +359,12 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     """The DeepSpeed engine of the translator with its optimizer and schedule, restored from `checkpoint`."""
     from transformers import get_scheduler
 
-    from .deepspeed_utils import init_single_process_env
+    from .deepspeed_utils import init_deepspeed_comm, init_single_process_env
 
     if checkpoint is not None:  # the module first: the engine builds its (partitioned) fp32 master from it
         translator.load_state_dict(checkpoint[0])
     init_single_process_env()
+    init_deepspeed_comm()
     import deepspeed
 
     ds_config = engine_config(training_args, model, total_steps)

@@ -80,13 +80,29 @@ def run_stage(stage: str, *args: str, check: bool = True, timeout: int = 600,
     return result
 
 
+def remove_shared_memory_left(port: int | str) -> list[str]:
+    """Remove, and name, DeepSpeed's CPU allreduce buffers that a run on `port` left in /dev/shm.
+
+    A finished run must leave none; a run that was killed on purpose may, and removing them
+    keeps the suite from filling the machine's RAM.
+    """
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for path in left:
+        path.unlink(missing_ok=True)
+    return [path.name for path in left]
+
+
 def launch(script: str, *args: str, nproc: int = 2, check: bool = True, timeout: int = 900,
            **env: str) -> subprocess.CompletedProcess:
     """`bash launch/<script>.sh args...` with NPROC_PER_NODE ranks on this machine."""
-    run_env = stage_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **env)
+    port = free_port()
+    run_env = stage_env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env)
     result = subprocess.run(["bash", str(ROOT / "launch" / f"{script}.sh"), *map(str, args)], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout, env=run_env)
+    left = remove_shared_memory_left(port)
     if check and result.returncode != 0:
         raise AssertionError(f"launch/{script}.sh failed ({result.returncode}):\n{result.stdout[-6000:]}\n"
                              f"{result.stderr[-6000:]}")
+    if result.returncode == 0:
+        assert not left, f"launch/{script}.sh left DeepSpeed's shared memory behind: {left}"
     return result

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, launch, run_stage, stage_env
+from conftest import ROOT, free_port, launch, remove_shared_memory_left, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -98,12 +98,14 @@ def test_sft_lora_two_ranks(zero, how, tiny_model, demo_data, base_snapshot, tmp
     else:  # the file given to the DeepSpeed launcher exactly as a user types it
         env = stage_env(OMP_NUM_THREADS="1")
         env.pop("DS_CONFIG", None)
-        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/sft.sh",
+        port = free_port()
+        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/sft.sh",
                    *map(str, args), "--deepspeed", f"ds_configs/{zero}.json"]
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         output = result.stdout + result.stderr
         first_error = output[output.find("Traceback"):][:4000] if "Traceback" in output else output[-4000:]
         assert result.returncode == 0, f"{' '.join(command)} failed:\n{first_error}"
+        assert not remove_shared_memory_left(port), "the run left DeepSpeed's shared memory behind"
 
     config = json.loads((out / "run_config.json").read_text())
     assert Path(config["deepspeed"]).name == f"{zero}.json"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, stage_env
+from conftest import ROOT, free_port, remove_shared_memory_left, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +23,18 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ["vanilla", "rag", "prag", "prag_combine", "dyprag", "dyprag_combine"]
 
 
-def _pipeline(work: Path, log: Path) -> subprocess.Popen:
+def _pipeline(work: Path, log: Path, port: int) -> subprocess.Popen:
     # BF16=true: every stage's bf16 path runs here (the demo picks fp32 on CPUs that emulate bf16).
     env = stage_env(WORK_DIR=str(work), PRESET="tiny", DEMO_SCALE="reduced", NPROC_PER_NODE="2", BF16="true",
-                    OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), WANDB_DIR=str(work))
+                    OMP_NUM_THREADS="1", MASTER_PORT=str(port), WANDB_DIR=str(work))
     return subprocess.Popen(["bash", str(ROOT / "launch" / "pipeline.sh")], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_pipeline_runs_every_stage_resumes_after_a_kill_and_reports(tmp_path):
     work = tmp_path / "demo"
-    first = _pipeline(work, tmp_path / "first.log")
+    port = free_port()
+    first = _pipeline(work, tmp_path / "first.log", port)
     deadline = time.time() + 600
     while not (work / "pt" / ".pipeline_complete").is_file() or not (work / "sft").is_dir():
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
@@ -41,10 +42,12 @@ def test_pipeline_runs_every_stage_resumes_after_a_kill_and_reports(tmp_path):
         time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)  # the whole job: the launcher and its ranks
     first.wait()
+    remove_shared_memory_left(port)
     assert not (work / "sft" / ".pipeline_complete").exists()
 
-    second = _pipeline(work, tmp_path / "second.log")
+    second = _pipeline(work, tmp_path / "second.log", port)
     assert second.wait(timeout=1500) == 0, (tmp_path / "second.log").read_text()[-6000:]
+    assert not remove_shared_memory_left(port), "a stage left DeepSpeed's shared memory behind"
     log = (tmp_path / "second.log").read_text()
     assert "== pt: already complete" in log and "== sft: restarting the stopped run" in log
     assert "== main job done in" in log
