@@ -149,11 +149,26 @@ def restore_weights(module: Any, weights: dict[str, Any]) -> None:
                 safe_set_full_fp32_param(param, value)
 
 
+def _link_zero_moments(optimizer: Any) -> None:
+    """Point every ZeRO-1/2 parameter's slice at the optimizer state of its flat fp32 partition.
+
+    deepspeed 0.19.8 links them once, right after the torch optimizer stepped the *first* param
+    group: with two groups (weight decay and none, as full fine-tuning has) the second group's
+    parameters keep an empty link and safe_get/set_full_optimizer_state fail ("exp_avg not found
+    in optimizer state fragment"). Linking again once every group has its state fixes that.
+    """
+    zero = _wrapper_with(optimizer, "_lazy_init_hp_params_optimizer_state")
+    if zero is not None:
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def gather_moments(module: Any, optimizer: Any) -> dict[str, Any]:
     """Every trained parameter's Adam moments, whole ("<name>.exp_avg", ...), after at least one step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     state = _torch_optimizer(optimizer).state
+    _link_zero_moments(optimizer)
     return {f"{name}.{key}": safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
             else state[param][key] for name, param in _trained(module) for key in MOMENTS}
 
@@ -178,9 +193,7 @@ def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: 
     trained = _trained(module)
     partitioned = any(_is_partitioned(param) for _, param in trained)
     # ZeRO-1/2 link every parameter's slice to the state just created at their first step: done here.
-    zero = _wrapper_with(optimizer, "_lazy_init_hp_params_optimizer_state")
-    if partitioned and zero is not None:
-        zero._lazy_init_hp_params_optimizer_state()
+    _link_zero_moments(optimizer)
     from deepspeed.utils import safe_set_full_optimizer_state
 
     for name, param in trained:

@@ -189,14 +189,16 @@ class StageTrainer(Trainer):
 
     def _save_deepspeed_state(self, folder: Path) -> None:
         """Trained fp32 masters, their Adam moments, the step count and the scheduler. All ranks gather."""
-        from .deepspeed_utils import gather_moments, gather_weights, has_adam_moments, optimizer_step
+        from .deepspeed_utils import gather_moments, gather_weights, has_adam_moments, optimizer_step, zero_stage
 
-        # Mixed precision under DeepSpeed (bf16/fp16 optimizers) is not covered yet: deepspeed 0.19.8's
-        # bf16 ZeRO-2 left the moments unlinked from its parameters here. Those, and optimizers without
-        # Adam moments, keep the engine's own (pickled) checkpoint.
-        if self.args.bf16 or self.args.fp16 or not has_adam_moments(self.optimizer):
-            logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format",
-                           "bf16/fp16" if self.args.bf16 or self.args.fp16 else type(self.optimizer).__name__)
+        # Not covered, so kept in the engine's own (pickled) checkpoint: fp16 (its loss scale is
+        # state too), bf16 without ZeRO (DeepSpeed's fp16 optimizer keeps one flat master per
+        # group, not linked to the parameters) and optimizers without Adam moments.
+        zero0 = zero_stage(self.args.hf_deepspeed_config.config) == 0
+        unsupported = ("fp16" if self.args.fp16 else "bf16 under ZeRO stage 0" if self.args.bf16 and zero0
+                       else None if has_adam_moments(self.optimizer) else type(self.optimizer).__name__)
+        if unsupported:
+            logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format", unsupported)
             return super()._save_optimizer_and_scheduler(str(folder))
         model = self.accelerator.unwrap_model(self.model_wrapped)
         weights, moments = gather_weights(model), gather_moments(model, self.optimizer)

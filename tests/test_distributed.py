@@ -170,7 +170,7 @@ def test_sft_lora_two_ranks(zero, how, tiny_model, demo_data, base_snapshot, tmp
 
 
 def _assert_resumed_like_whole(whole: Path, resumed: Path) -> None:
-    """The resumed run ends with the uninterrupted run's adapter, and no checkpoint holds a pickle."""
+    """The resumed run ends with the uninterrupted run's weights, and no checkpoint holds a pickle."""
     from safetensors.torch import load_file
 
     pickles = [str(p) for p in [*whole.rglob("*"), *resumed.rglob("*")]
@@ -179,26 +179,29 @@ def _assert_resumed_like_whole(whole: Path, resumed: Path) -> None:
     for checkpoint in whole.glob("checkpoint-*"):
         assert {"trained_weights.safetensors", "optimizer.safetensors", "scheduler.json"} <= {
             p.name for p in checkpoint.iterdir()}, checkpoint
-    expected, got = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if (whole / "adapter_model.safetensors").is_file() else "model.safetensors"
+    expected, got = load_file(whole / weights), load_file(resumed / weights)
     assert expected.keys() == got.keys()
     for key in expected:
         assert (expected[key] - got[key]).abs().max() <= 1e-6, key
 
 
-def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo_data, tmp_path):
-    """ZeRO-2 on two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same adapter."""
+@pytest.mark.parametrize("finetuning_type, bf16", [("lora", "false"), ("full", "true")])
+def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo_data, tmp_path, finetuning_type,
+                                                                 bf16):
+    """ZeRO-2 on two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same
+    weights. Full fine-tuning has two param groups (weight decay and none); bf16 keeps fp32 masters apart."""
     from stages.callbacks import read_log
 
     out = tmp_path / "pt"
     args = ["--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
             "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--do_train", "--max_steps", "4",
             "--save_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "2",
-            "--logging_steps", "1", "--report_to", "none"]
+            "--logging_steps", "1", "--report_to", "none", "--finetuning_type", finetuning_type, "--bf16", bf16]
     launch("pt", *args, "--output_dir", out, "--do_eval", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
 
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert (out / "adapter_model.safetensors").is_file()
     metrics = json.loads((out / "eval_results.json").read_text())
     assert math.isfinite(metrics["eval_loss"])
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
