@@ -4,8 +4,9 @@ A tiny synthetic task that a tiny policy can reach: every prompt is answered "ye
 (half and half) after sft, and the reward model (trained by the rm stage on chosen "yes" /
 rejected "no" pairs) prefers "yes". PPO must move the mean reward from the sft policy's
 mixture to the "yes" end within a few dozen updates. Then the chain sft -> rm -> ppo runs
-through the launch scripts on two ranks (ZeRO-2), its policy is taken by sft's predict and by
-export, and the three runs share one W&B group; resumed from a checkpoint it ends where it ended.
+through the launch scripts on two ranks (ZeRO-2; ppo also under ZeRO-3), its policy is taken
+by sft's predict and by export, and the three runs share one W&B group; resumed from a
+checkpoint it ends where it ended.
 A run killed while saving resumes to the uninterrupted run's weights; a NaN loss stops the run or
 is skipped. (Bad input: tests/test_user_errors.py.)
 """
@@ -168,11 +169,19 @@ def _ppo_runs(runs: dict[str, tuple[list, dict]]) -> dict[str, subprocess.Comple
         return dict(zip(runs, pool.map(run, runs.values())))
 
 
+def _assert_same_tensors(whole: Path, resumed: Path, names: tuple[str, ...]) -> None:
+    """Each safetensors file `names` holds the same tensors (within 1e-6) in both runs."""
+    from safetensors.torch import load_file
+
+    for name in names:
+        expected, got = load_file(whole / name), load_file(resumed / name)
+        assert expected.keys() == got.keys() and expected, name
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, name
+
+
 def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_rm, yes_no_data, tmp_path):
     """Killed while writing checkpoint-2: checkpoint-1 stays whole, and resuming from it ends where a run
     that was never interrupted ends (policy, value model, Adam moments, the logged rewards)."""
-    from safetensors.torch import load_file
-
     from stages.callbacks import read_log
 
     sft, rm = sft_and_rm
@@ -187,11 +196,8 @@ def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_
     assert not (killed / "adapter_model.safetensors").exists()
     run_stage("ppo", *args, "--output_dir", killed, "--resume_from_checkpoint", "last",
               env=stage_env(OMP_NUM_THREADS="1"))
-    for name in ("adapter_model.safetensors", "checkpoint-4/trained_weights.safetensors",
-                 "checkpoint-4/optimizer.safetensors"):
-        expected, got = load_file(whole / name), load_file(killed / name)
-        assert expected.keys() == got.keys() and expected
-        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, name
+    _assert_same_tensors(whole, killed, ("adapter_model.safetensors", "checkpoint-4/trained_weights.safetensors",
+                                         "checkpoint-4/optimizer.safetensors"))
     # The resumed log continues the killed one with the updates the whole run logged (2 was
     # logged before the kill and again after the resume).
     rewards = {r["step"]: r["objective/scores"] for r in read_log(whole) if "objective/scores" in r}
@@ -228,14 +234,45 @@ def test_nan_loss_stops_or_is_skipped(sft_and_rm, yes_no_data, tmp_path):
     assert all(bool(t.isfinite().all()) for t in load_file(skip / "adapter_model.safetensors").values())
 
 
+CHAIN_ARGS = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "wandb",
+              "--wandb_group", "chain-7"]
+
+
+def _chain_env(wandb_dir: Path, zero: str = "zero2") -> dict[str, str]:
+    return {"DS_CONFIG": str(ROOT / "ds_configs" / f"{zero}.json"), "WANDB_DIR": str(wandb_dir),
+            "WANDB_PROJECT": "stages-test"}
+
+
+@pytest.fixture(scope="module")
+def chain_sft_rm(tiny_model, yes_no_data, tmp_path_factory) -> dict[str, Path]:
+    """sft then rm through the launch scripts (2 ranks, ZeRO-2), logging to one W&B group."""
+    work = tmp_path_factory.mktemp("chain")
+    wandb_dir = work / "wandb"
+    wandb_dir.mkdir()
+    env = _chain_env(wandb_dir)
+    sft, rm = work / "sft", work / "rm"
+    launch("sft", "--model_name_or_path", tiny_model, "--dataset", "yn_sft", "--dataset_dir", yes_no_data,
+           "--output_dir", sft, "--do_train", "--max_steps", "4", "--learning_rate", "1e-2", *CHAIN_ARGS, **env)
+    # The rm starts from the sft policy: the sft adapter is merged, the value head gets a new one.
+    launch("rm", "--model_name_or_path", tiny_model, "--adapter_name_or_path", sft, "--dataset", "yn_pref",
+           "--dataset_dir", yes_no_data, "--val_size", "16", "--output_dir", rm, "--do_train", "--do_eval",
+           "--max_steps", "4", "--learning_rate", "1e-2", *CHAIN_ARGS, **env)
+    return {"sft": sft, "rm": rm, "wandb": wandb_dir}
+
+
+def _chain_ppo_args(tiny_model: Path, yes_no_data: Path, chain_sft_rm: dict[str, Path]) -> list:
+    return ["--model_name_or_path", tiny_model, "--adapter_name_or_path", chain_sft_rm["sft"], "--reward_model",
+            chain_sft_rm["rm"], "--dataset", "yn_sft", "--dataset_dir", yes_no_data, "--max_steps", "3",
+            "--save_steps", "1", "--max_new_tokens", "3", "--ppo_epochs", "1", "--sample_steps", "2", *CHAIN_ARGS]
+
+
 @pytest.mark.slow
-def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
+def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, chain_sft_rm, tmp_path):
     """sft -> rm -> ppo through the launch scripts (2 ranks, ZeRO-2), one W&B group.
 
     pt is left out of the chain to keep CI short: its output is a plain model directory, which
     is what sft starts from here, and test_distributed runs pt on two ranks.
     """
-    from safetensors.torch import load_file
     from test_wandb import read_wandb_records
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -243,22 +280,10 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
     from stages.hparams import FinetuningArguments, ModelArguments
     from stages.loader import load_model, load_tokenizer
 
-    wandb_dir = tmp_path / "wandb"
-    wandb_dir.mkdir()
-    common = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "wandb",
-              "--wandb_group", "chain-7"]
-    env = {"DS_CONFIG": str(ROOT / "ds_configs" / "zero2.json"), "WANDB_DIR": str(wandb_dir),
-           "WANDB_PROJECT": "stages-test"}
-    base, sft, rm, ppo = tiny_model, tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
-    launch("sft", "--model_name_or_path", base, "--dataset", "yn_sft", "--dataset_dir", yes_no_data,
-           "--output_dir", sft, "--do_train", "--max_steps", "4", "--learning_rate", "1e-2", *common, **env)
-    # The rm starts from the sft policy: the sft adapter is merged, the value head gets a new one.
-    launch("rm", "--model_name_or_path", base, "--adapter_name_or_path", sft, "--dataset", "yn_pref",
-           "--dataset_dir", yes_no_data, "--val_size", "16", "--output_dir", rm, "--do_train", "--do_eval",
-           "--max_steps", "4", "--learning_rate", "1e-2", *common, **env)
-    ppo_args = ["--model_name_or_path", base, "--adapter_name_or_path", sft, "--reward_model", rm, "--dataset",
-                "yn_sft", "--dataset_dir", yes_no_data, "--max_steps", "3", "--save_steps", "1", "--max_new_tokens",
-                "3", "--ppo_epochs", "1", "--sample_steps", "2", *common]
+    wandb_dir = chain_sft_rm["wandb"]
+    env = _chain_env(wandb_dir)
+    base, sft, ppo = tiny_model, chain_sft_rm["sft"], tmp_path / "ppo"
+    ppo_args = _chain_ppo_args(tiny_model, yes_no_data, chain_sft_rm)
     launch("ppo", *ppo_args, "--output_dir", ppo, **env)
 
     records = [r for r in read_log(ppo) if "objective/scores" in r]
@@ -273,10 +298,7 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
     shutil.copytree(ppo / "checkpoint-1", resumed / "checkpoint-1")
     launch("ppo", *ppo_args, "--output_dir", resumed, "--resume_from_checkpoint", "last",
            **{**env, "WANDB_DIR": str(tmp_path)})  # its W&B run is kept apart from the group checked below
-    for name in ("adapter_model.safetensors", "checkpoint-3/optimizer.safetensors"):
-        expected, got = load_file(ppo / name), load_file(resumed / name)
-        assert expected.keys() == got.keys()
-        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, name
+    _assert_same_tensors(ppo, resumed, ("adapter_model.safetensors", "checkpoint-3/optimizer.safetensors"))
 
     # One W&B group for the three stages; the ppo run logs its metrics and sample tables.
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
@@ -312,3 +334,25 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, tmp_path):
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(**batch).logits
         torch.testing.assert_close(ours(**batch).logits, merged_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_ppo_zero3_two_ranks_saves_and_resumes(tiny_model, yes_no_data, chain_sft_rm, tmp_path):
+    """ppo under ZeRO-3 (policy, value model and reward model partitioned over two ranks): it trains, its
+    checkpoint holds whole tensors, and resuming from checkpoint-1 ends where the uninterrupted run ended."""
+    from stages.callbacks import read_log
+
+    env = _chain_env(tmp_path, "zero3")  # its own W&B folder: the chain test counts the runs of its group
+    ppo, resumed = tmp_path / "ppo", tmp_path / "ppo_resumed"
+    ppo_args = _chain_ppo_args(tiny_model, yes_no_data, chain_sft_rm)
+    launch("ppo", *ppo_args, "--output_dir", ppo, **env)
+    records = [r for r in read_log(ppo) if "objective/scores" in r]
+    assert len(records) == 3 and all(math.isfinite(r["objective/scores"]) for r in records)
+    assert json.loads((ppo / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 3
+    saved = {p.name for p in (ppo / "checkpoint-1").iterdir()}
+    assert {"trained_weights.safetensors", "optimizer.safetensors"} <= saved, saved
+
+    shutil.copytree(ppo / "checkpoint-1", resumed / "checkpoint-1")
+    launch("ppo", *ppo_args, "--output_dir", resumed, "--resume_from_checkpoint", "last", **env)
+    _assert_same_tensors(ppo, resumed, ("adapter_model.safetensors", "checkpoint-3/trained_weights.safetensors",
+                                        "checkpoint-3/optimizer.safetensors"))
