@@ -121,15 +121,35 @@ def _trained(module: Any) -> list[tuple[str, Any]]:
     return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
 
 
-def gather_weights(module: Any) -> dict[str, Any]:
+def _fp32_copies(optimizer: Any) -> dict[int, Any]:
+    # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) steps an fp32 copy of each
+    # parameter, by id of the parameter; {} for every other optimizer (the parameter is its own master).
+    wrapper = _wrapper_with(optimizer, "fp32_groups")
+    if wrapper is None:
+        return {}
+    return {id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+            for low, high in zip(lows, highs)}
+
+
+def unsupported_optimizer(optimizer: Any) -> str | None:
+    """Why this optimizer's state cannot be saved as whole tensors (then the engine's own format is kept), or None."""
+    if not has_adam_moments(optimizer):
+        return f"{type(_torch_optimizer(optimizer)).__name__} (no Adam moments)"
+    if _wrapper_with(optimizer, "fp32_groups_flat") is not None:  # FusedAdam's fp16/bf16 wrapper without ZeRO
+        return "DeepSpeed's fused fp16/bf16 optimizer"
+    return None
+
+
+def gather_weights(module: Any, optimizer: Any) -> dict[str, Any]:
     """Every trained parameter's fp32 (master) value, whole. All ranks must call it."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return {name: safe_get_full_fp32_param(param) if _is_partitioned(param) else param.detach().float()
-            for name, param in _trained(module)}
+    copies = _fp32_copies(optimizer)
+    return {name: safe_get_full_fp32_param(param) if _is_partitioned(param)
+            else copies.get(id(param), param).detach().float() for name, param in _trained(module)}
 
 
-def restore_weights(module: Any, weights: dict[str, Any]) -> None:
+def restore_weights(module: Any, optimizer: Any, weights: dict[str, Any]) -> None:
     """Put saved whole fp32 trained weights into a running module, each rank its part.
 
     Both copies are set: the parameter the forward pass reads (compute dtype; under ZeRO-3 a
@@ -140,6 +160,7 @@ def restore_weights(module: Any, weights: dict[str, Any]) -> None:
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param
 
+    copies = _fp32_copies(optimizer)
     with torch.no_grad():
         for name, param in _trained(module):
             value = weights[name].to(param.device)
@@ -147,6 +168,8 @@ def restore_weights(module: Any, weights: dict[str, Any]) -> None:
                 param.data.copy_(value.view_as(param.data).to(param.dtype))
             if _is_partitioned(param):
                 safe_set_full_fp32_param(param, value)
+            elif id(param) in copies:
+                copies[id(param)].copy_(value.view_as(param.data))
 
 
 def _link_zero_moments(optimizer: Any) -> None:
@@ -167,10 +190,10 @@ def gather_moments(module: Any, optimizer: Any) -> dict[str, Any]:
     """Every trained parameter's Adam moments, whole ("<name>.exp_avg", ...), after at least one step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    state = _torch_optimizer(optimizer).state
+    state, copies = _torch_optimizer(optimizer).state, _fp32_copies(optimizer)
     _link_zero_moments(optimizer)
     return {f"{name}.{key}": safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
-            else state[param][key] for name, param in _trained(module) for key in MOMENTS}
+            else state[copies.get(id(param), param)][key] for name, param in _trained(module) for key in MOMENTS}
 
 
 def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: int) -> None:
@@ -196,13 +219,14 @@ def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: 
     _link_zero_moments(optimizer)
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    copies = _fp32_copies(optimizer)
     for name, param in trained:
         for key in MOMENTS:
             value = moments[f"{name}.{key}"].to(param.device)
             if partitioned:
                 safe_set_full_optimizer_state(param, value, key)
             else:
-                base.state[param][key].copy_(value)
+                base.state[copies.get(id(param), param)][key].copy_(value.view_as(param))
 
 
 def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:

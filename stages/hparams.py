@@ -275,6 +275,9 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
         # Without an accelerator, accelerate only counts the DeepSpeed ranks (gloo) when told
         # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
         values["use_cpu"] = not torch.accelerator.is_available()
+    if values.get("deepspeed") and values.get("use_cpu") and values.get("fp16"):
+        raise UserError("--fp16 under --deepspeed needs a GPU: DeepSpeed has no fp16 on CPU ranks; use --bf16 true "
+                        "or leave both off (fp32).")
     outputs = []
     for dtype in dataclass_types:
         names = {f.name for f in fields(dtype) if f.init}

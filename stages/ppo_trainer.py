@@ -298,7 +298,8 @@ class PolicyTrainer(PPOTrainer):
         self.accelerator.wait_for_everyone()
         self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
         wrapper = self.accelerator.unwrap_model(self.model)
-        weights, moments = gather_weights(wrapper), gather_moments(wrapper, self.optimizer)  # collective
+        # collective: every rank takes part
+        weights, moments = gather_weights(wrapper, self.optimizer), gather_moments(wrapper, self.optimizer)
         staging.mkdir(parents=True, exist_ok=True)
         save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
         if main:

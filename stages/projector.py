@@ -218,7 +218,8 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
     from dyprag.translator import save_translator
 
     # collective: every rank takes part
-    weights, moments = gather_weights(engine.module), gather_moments(engine.module, engine.optimizer)
+    weights = gather_weights(engine.module, engine.optimizer)
+    moments = gather_moments(engine.module, engine.optimizer)
     final = out / f"checkpoint-{step}"
     if rank != 0 or final.exists():
         return None
@@ -510,7 +511,7 @@ def run_projector(argv: list[str] | None = None) -> None:
     progress.close()
 
     # 5. the trained translator (fp32 master weights, whole) + its config, the loss plots
-    weights = gather_weights(engine.module)
+    weights = gather_weights(engine.module, engine.optimizer)
     if rank == 0:
         save_translator(translator, out, state=weights)
         logger.info("translator saved to %s after %d steps", out, step)

@@ -77,7 +77,7 @@ def _whole_tensor_deepspeed_checkpoints():
 
     def load(engine: Any, checkpoint: str, **kwargs: Any) -> None:
         if os.path.isfile(os.path.join(checkpoint, TRAINED_WEIGHTS)):
-            restore_weights(engine.module, load_file(os.path.join(checkpoint, TRAINED_WEIGHTS)))
+            restore_weights(engine.module, engine.optimizer, load_file(os.path.join(checkpoint, TRAINED_WEIGHTS)))
         elif glob.glob(os.path.join(checkpoint, "global_step*")):  # written by DeepSpeed's engine
             engine_loader(engine, checkpoint, **kwargs)
         else:
@@ -189,19 +189,16 @@ class StageTrainer(Trainer):
 
     def _save_deepspeed_state(self, folder: Path) -> None:
         """Trained fp32 masters, their Adam moments, the step count and the scheduler. All ranks gather."""
-        from .deepspeed_utils import gather_moments, gather_weights, has_adam_moments, optimizer_step, zero_stage
+        from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, unsupported_optimizer
 
-        # Not covered, so kept in the engine's own (pickled) checkpoint: fp16 (its loss scale is
-        # state too), bf16 without ZeRO (DeepSpeed's fp16 optimizer keeps one flat master per
-        # group, not linked to the parameters) and optimizers without Adam moments.
-        zero0 = zero_stage(self.args.hf_deepspeed_config.config) == 0
-        unsupported = ("fp16" if self.args.fp16 else "bf16 under ZeRO stage 0" if self.args.bf16 and zero0
-                       else None if has_adam_moments(self.optimizer) else type(self.optimizer).__name__)
+        # Not covered, so kept in the engine's own (pickled) checkpoint: fp16 (its loss scale is state
+        # too), optimizers without Adam moments and DeepSpeed's fused mixed-precision optimizer.
+        unsupported = "fp16" if self.args.fp16 else unsupported_optimizer(self.optimizer)
         if unsupported:
             logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format", unsupported)
             return super()._save_optimizer_and_scheduler(str(folder))
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        weights, moments = gather_weights(model), gather_moments(model, self.optimizer)
+        weights, moments = gather_weights(model, self.optimizer), gather_moments(model, self.optimizer)
         if self.args.should_save:
             save_file({name: tensor.contiguous().cpu() for name, tensor in weights.items()},
                       str(folder / TRAINED_WEIGHTS))

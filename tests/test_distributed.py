@@ -186,11 +186,13 @@ def _assert_resumed_like_whole(whole: Path, resumed: Path) -> None:
         assert (expected[key] - got[key]).abs().max() <= 1e-6, key
 
 
-@pytest.mark.parametrize("finetuning_type, bf16", [("lora", "false"), ("full", "true")])
-def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo_data, tmp_path, finetuning_type,
-                                                                 bf16):
-    """ZeRO-2 on two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same
-    weights. Full fine-tuning has two param groups (weight decay and none); bf16 keeps fp32 masters apart."""
+@pytest.mark.parametrize("zero, finetuning_type, bf16", [("zero2", "lora", "false"), ("zero2", "full", "true"),
+                                                         ("zero0", "full", "true")])
+def test_pt_two_ranks_with_eval_resumes_from_its_checkpoint(tiny_model, demo_data, tmp_path, zero, finetuning_type,
+                                                            bf16):
+    """Two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same weights. Full
+    fine-tuning has two param groups (weight decay and none); bf16 keeps fp32 masters apart from the weights
+    (ZeRO-2: partitions of a flat master; without ZeRO: DeepSpeed's bf16 optimizer holds one copy per weight)."""
     from stages.callbacks import read_log
 
     out = tmp_path / "pt"
@@ -198,7 +200,7 @@ def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo
             "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--do_train", "--max_steps", "4",
             "--save_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "2",
             "--logging_steps", "1", "--report_to", "none", "--finetuning_type", finetuning_type, "--bf16", bf16]
-    launch("pt", *args, "--output_dir", out, "--do_eval", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
+    launch("pt", *args, "--output_dir", out, "--do_eval", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))
 
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -208,7 +210,7 @@ def test_pt_two_ranks_with_eval_resumes_from_a_zero2_checkpoint(tiny_model, demo
 
     resumed = tmp_path / "resumed"
     launch("pt", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-2", nproc=2,
-           DS_CONFIG=str(ROOT / "ds_configs" / "zero2.json"))
+           DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))
     _assert_resumed_like_whole(out, resumed)
 
 

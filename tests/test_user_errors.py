@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_stage, stage_env
 
@@ -72,8 +73,9 @@ def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = N
 #                    quantization + full tuning, LoRA rank < 0; output_dir holding a run; truncated checkpoint
 #   sft              unknown dataset; missing / not UTF-8 data file; malformed JSON (the line); missing column; no
 #                    usable rows; unknown flag or config key; malformed DeepSpeed config; quantization + full
-#                    tuning, 8-bit + ZeRO-3, LoRA rank 0; not a causal LM; output_dir holding a run (refused, or
-#                    accepted with --overwrite_output_dir / resuming); truncated checkpoint
+#                    tuning, 8-bit + ZeRO-3, LoRA rank 0, fp16 under DeepSpeed without a GPU; not a causal LM;
+#                    output_dir holding a run (refused, or accepted with --overwrite_output_dir / resuming);
+#                    truncated checkpoint
 #   rm               missing data file; malformed JSON; non-pairwise dataset; missing chosen column; 8-bit + ZeRO-3,
 #                    quantization + full tuning, LoRA rank 0; not a causal LM; output_dir (refused after the data
 #                    is read); truncated checkpoint
@@ -432,6 +434,10 @@ CASES: dict[str, Case] = {
         "projector_export", lambda e: export(e, e["run"]),
         lambda e: ["--output_dir", str(e["run"]), "--overwrite_output_dir"]),
 }
+if not torch.accelerator.is_available():  # DeepSpeed refuses fp16 on CPU ranks only
+    CASES["fp16_under_deepspeed_without_gpu"] = Case(
+        "sft", lambda e: [*base(e, "fp16_under_deepspeed_without_gpu"), "--fp16", "true", "--deepspeed", ZERO3],
+        lambda e: ["--fp16", "--bf16 true"])
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
