@@ -12,8 +12,8 @@ so both sides call `gradient_checkpointing_enable()`; `--gradient_checkpointing 
 it off on both).
 - ours: `stages.ppo.run_ppo`, the code `python -m stages.ppo` runs: the policy is the base with
   a LoRA adapter (r=8 on every linear layer) and the reference is that model with the adapter
-  disabled; the reward model is frozen; the value model is the reward model with its own LoRA
-  adapter and a trainable copy of the head.
+  disabled; the value model is the reward model with its own LoRA adapter and a trainable copy
+  of the head, and the reward model is that model with its adapter disabled (one rm backbone).
 - TRL default: TRL's own PPO example (`examples/scripts/ppo/ppo.py` without peft): four separate
   models from `from_pretrained` (policy and reference `AutoModelForCausalLM`, reward and value
   `AutoModelForSequenceClassification`), policy and value trained in full.
@@ -241,7 +241,7 @@ def main() -> None:
           f"{'on' if args.gradient_checkpointing else 'off'}, {args.threads} thread(s) per side, malloc mmap "
           f"threshold {args.mmap_threshold or 'glibc default'}")
     print(f"{'side':<34}{'after imports':>15}{'step peak':>12}{'step - imports':>16}{'process peak':>14}  (MiB)")
-    names = {"ours": "ours (LoRA, ref = adapter off)", "trl": "TRL default (4 separate models)"}
+    names = {"ours": "ours (LoRA, adapters off)", "trl": "TRL default (4 separate models)"}
     for side, r in results.items():
         print(f"{names[side]:<34}{r['after_imports'] / mib:>15.0f}{r['step_peak'] / mib:>12.0f}"
               f"{(r['step_peak'] - r['after_imports']) / mib:>16.0f}{r['process_peak'] / mib:>14.0f}")

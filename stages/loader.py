@@ -166,7 +166,7 @@ def has_value_head(folder: str) -> bool:
     return any(key.endswith(f"{VALUE_HEAD}.weight") for key in keys)
 
 
-def _gathered_if_zero3(model):
+def gathered_if_zero3(model):
     """Under ZeRO-3, the model's full parameters for the block (every rank computes the same
     change; rank 0's result is partitioned again on exit); elsewhere nothing."""
     from contextlib import nullcontext
@@ -191,7 +191,7 @@ def _load_adapters(model, model_args: ModelArguments, finetuning_args: Finetunin
     quantized = model_args.quantization_bit is not None
     to_merge = [a for a in adapters if a != resume] if not quantized else []
     for adapter in to_merge:
-        with _gathered_if_zero3(model):  # merging writes into the base weights: they must be whole
+        with gathered_if_zero3(model):  # merging writes into the base weights: they must be whole
             model = _peft_from_pretrained(PeftModel, model, adapter, is_trainable=False,
                                           generic=add_valuehead and not has_value_head(adapter)).merge_and_unload()
     if resume is not None or (quantized and adapters):

@@ -7,8 +7,10 @@ Built on TRL's PPO trainer (`trl.experimental.ppo`, trl < 1.13). The policy star
 output (`--adapter_name_or_path` for a LoRA output, `--model_name_or_path` for a full model);
 `--reward_model` is an rm output directory, which is both the reward and the start of the
 value model. With LoRA the policy trains a fresh adapter on top of the (merged) sft weights,
-and the reference is the same model with that adapter disabled: no second copy. With full
-tuning the reference is a separate frozen copy (TRL's default).
+and the reference is the same model with that adapter disabled; likewise the value model
+trains a fresh adapter on the rm's weights, and the reward model is the value model with its
+adapter disabled: no second copy of either. With full tuning the reference and the reward
+model are separate frozen copies (TRL's default).
 
 Prompts come from any registered non-pairwise dataset (alpaca or sharegpt; the answers are
 ignored). One PPO update = one batch of per_device_train_batch_size x gradient_accumulation_steps
@@ -166,7 +168,7 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from .deepspeed_utils import zero_stage
     from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .ppo_trainer import PolicyTrainer, check_checkpoint
+    from .ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
 
     # 1. arguments: the policy's model args, the reward model's (inherited from the rm output)
     model_args, data_args, training_args, finetuning_args, ppo_args, run_args = parse_args(
@@ -217,13 +219,20 @@ def run_ppo(argv: list[str] | None = None) -> None:
     lora = finetuning_args.finetuning_type == "lora"
     reference = None if lora else load_model(tokenizer, model_args, finetuning_args, is_trainable=False,
                                              compute_dtype=dtype)
-    reward = load_model(tokenizer, reward_args, FinetuningArguments(), is_trainable=False, compute_dtype=dtype,
-                        add_valuehead=True)
     value = load_model(tokenizer, reward_args, new_adapter, is_trainable=True, compute_dtype=dtype,
                        gradient_checkpointing=training_args.gradient_checkpointing, add_valuehead=True)
-    # TRL calls the backbone and `.score` of the reward and value models: hand it the transformers
-    # model inside a PEFT wrapper (its LoRA layers stay active and trainable).
-    reward, value = (m.get_base_model() if hasattr(m, "get_base_model") else m for m in (reward, value))
+    # With LoRA the value model is the rm's weights plus a fresh adapter, so the reward model is that
+    # model with its adapter disabled: no second copy. (A quantized LoRA rm cannot merge its adapter:
+    # its value model trains that adapter on, and the reward needs its own frozen copy.)
+    if lora and not (reward_args.quantization_bit is not None and reward_args.adapters):
+        reward = AdapterOffReward(value)
+    else:
+        reward = load_model(tokenizer, reward_args, FinetuningArguments(), is_trainable=False, compute_dtype=dtype,
+                            add_valuehead=True)
+        reward = reward.get_base_model() if hasattr(reward, "get_base_model") else reward
+    # TRL calls the backbone and `.score` of the value model: hand it the transformers model inside
+    # the PEFT wrapper (its LoRA layers stay active and trainable).
+    value = value.get_base_model() if hasattr(value, "get_base_model") else value
     if training_args.gradient_checkpointing:  # TRL's PPO loop never turns it on itself
         for model in (policy, value):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -29,6 +29,7 @@ from trl.models.utils import unwrap_model_for_generation
 from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
 from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments, restore_scheduler
 from .errors import RunStopped, UserError
+from .loader import gathered_if_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,38 @@ def truncated_sampling(generate: Callable[..., Any], top_k: int, top_p: float) -
         return output
 
     return generate_truncated
+
+
+class AdapterOffReward(torch.nn.Module):
+    """The reward model as the value model with its LoRA adapter disabled: one backbone for both.
+
+    With LoRA the value model is the rm's weights plus a fresh adapter (and a trained copy of
+    the head), so disabling the adapter gives back the rm exactly; a separate reward model
+    would hold a second copy of the same weights. TRL scores with `getattr(model,
+    model.base_model_prefix)(...)` and then `model.score(hidden)`: here the backbone call runs
+    the value model's backbone with its adapter off, and `score` is a frozen copy of the rm's
+    own head. That head is the only parameter of this module, the only one TRL prepares or
+    moves: the value model belongs to the training engine and is deliberately no submodule.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        head = value.get_base_model().score
+        head = getattr(head, "original_module", head)  # peft keeps the rm's head beside the trained copy
+        with gathered_if_zero3(head), torch.no_grad():  # under ZeRO-3 each rank holds a shard of it
+            self.score = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                                         dtype=head.weight.dtype, device=head.weight.device)
+            self.score.load_state_dict(head.state_dict())
+        self.score.requires_grad_(False)
+        object.__setattr__(self, "value", value)  # a plain attribute: not registered, not prepared twice
+        self.config = value.get_base_model().config  # TRL's DeepSpeed set-up reads the hidden size
+
+    def backbone(self, **kwargs: Any) -> Any:
+        model = self.value.get_base_model()
+        with self.value.disable_adapter():
+            return getattr(model, model.base_model_prefix)(**kwargs)
 
 
 class PromptBatches:

@@ -112,6 +112,58 @@ def test_ppo_learns_and_the_reference_stays_fixed(sft_and_rm, yes_no_data, tmp_p
     assert (policy_logits[:, -1] - sft_logits[:, -1]).abs().max() > 0.1
 
 
+def test_reward_is_the_value_model_with_its_adapter_off(sft_and_rm):
+    """With LoRA, ppo keeps one rm backbone: the reward scores with the value model's backbone, its
+    adapter disabled, and a frozen copy of the rm's head, i.e. the rm's own scores exactly, however
+    far the value adapter and its head have trained."""
+    from transformers import AutoTokenizer
+    from trl.experimental.utils import get_reward
+
+    from stages.hparams import FinetuningArguments
+    from stages.loader import load_model
+    from stages.ppo import reward_model_args
+    from stages.ppo_trainer import AdapterOffReward
+
+    _, rm = sft_and_rm
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    reward_args = reward_model_args(str(rm))
+    reward = load_model(tokenizer, reward_args, FinetuningArguments(), is_trainable=False, add_valuehead=True)
+    value = load_model(tokenizer, reward_args, FinetuningArguments(create_new_adapter=True), is_trainable=True,
+                       add_valuehead=True)
+    shared = AdapterOffReward(value)
+    assert [name for name, _ in shared.named_parameters()] == ["score.weight"]  # all TRL prepares and moves
+    batch = tokenizer(["Is the river blue? yes", "Is the lamp red? no, it is green"], padding=True,
+                      padding_side="right", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in value.parameters():  # a value model that has trained: every trained tensor moved
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+        rm_scores = get_reward(reward, batch, tokenizer.pad_token_id, 0)[0]
+        shared_scores = get_reward(shared, batch, tokenizer.pad_token_id, 0)[0]
+        values = get_reward(value.get_base_model(), batch, tokenizer.pad_token_id, 0)[0]
+    torch.testing.assert_close(shared_scores, rm_scores, rtol=0, atol=1e-6)
+    assert (values - rm_scores).abs().max() > 1e-2  # the value model itself did move
+
+
+def test_full_tuning_trains_beside_a_frozen_reference_and_reward(sft_and_rm, yes_no_data, tmp_path):
+    """Full tuning cannot disable an adapter: the reference and the reward model are frozen copies
+    (TRL's default), and the policy is saved as a whole model."""
+    from stages.callbacks import read_log
+
+    sft, rm = sft_and_rm
+    out = tmp_path / "ppo_full"
+    run_stage("ppo", "--model_name_or_path", sft, "--reward_model", rm, "--finetuning_type", "full",
+              "--dataset", "yn_sft", "--dataset_dir", yes_no_data, "--output_dir", out, "--max_steps", "2",
+              "--per_device_train_batch_size", "8", "--max_new_tokens", "3", "--ppo_epochs", "1",
+              "--learning_rate", "1e-4", "--logging_steps", "1", "--sample_steps", "0", "--report_to", "none",
+              env=stage_env(OMP_NUM_THREADS="1"))
+    records = [r for r in read_log(out) if "objective/scores" in r]
+    assert len(records) == 2 and all(math.isfinite(r["objective/scores"]) for r in records)
+    assert abs(records[0]["objective/kl"]) < 1e-3  # the reference is the starting policy
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
 # Reliability: the PPO loop is TRL's; the hooks below reach into it the way a crash or a bad batch would.
 PPO_SHORT = ["--dataset", "yn_sft", "--per_device_train_batch_size", "8", "--max_new_tokens", "3", "--ppo_epochs",
              "2", "--learning_rate", "3e-3", "--temperature", "1.0", "--logging_steps", "1", "--sample_steps", "2",
