@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
 
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
-from dyprag.encode import EncodeConfig, encode_batch, init_lora, passage_texts, plan_batches  # noqa: E402
+from dyprag.encode import (  # noqa: E402
+    EncodeConfig, default_max_batch_tokens, encode_batch, init_lora, passage_texts, plan_batches)
 from dyprag.lora import LoraSpec, module_shapes, save_peft_adapter, target_module_names  # noqa: E402
 
 SPEC = LoraSpec()
@@ -164,7 +165,7 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
     fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     fp32.to(args.device)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    config = EncodeConfig(max_batch_tokens=args.max_batch_tokens)
+    config = EncodeConfig(max_batch_tokens=args.max_batch_tokens or default_max_batch_tokens(args.device))
     init = init_lora(fp32, SPEC, seed=42)
     init_dir = save_peft_adapter(init, 0, SPEC, str(model_dir), work / "init")
     tokens = [sum(len(t) - 1 for t in passage) for passage in texts]
@@ -256,7 +257,8 @@ def main() -> None:
                              "tokenizer, trained on the demo world, cuts real text into ~3x more tokens")
     parser.add_argument("--original_passages", type=int, default=1, help="passages for the (slow) original loop")
     parser.add_argument("--passages_per_batch", type=int, default=32, help="batched: passages per forward/backward")
-    parser.add_argument("--max_batch_tokens", type=int, default=16384, help="batched: padded tokens per forward")
+    parser.add_argument("--max_batch_tokens", type=int, default=None,
+                        help="batched: padded tokens per forward (default: the stage's, 16384 on cuda, 4096 on cpu)")
     parser.add_argument("--cutoff_len", type=int, default=3000, help="tokens kept per training text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the encoding sides run (cpu, cuda); loading is on cpu")

@@ -50,6 +50,12 @@ class EncodeConfig:
     max_batch_tokens: int = 16384  # padded tokens per forward; more rows run as gradient accumulation
 
 
+def default_max_batch_tokens(device: torch.device | str) -> int:
+    """Padded tokens per forward when none is given: 16384 on an accelerator; 4096 on a CPU, where
+    smaller forwards stay in cache (~1.6x faster on the real PRAG records)."""
+    return 4096 if torch.device(device).type == "cpu" else 16384
+
+
 def init_lora(model: nn.Module, spec: LoraSpec, seed: int = 42) -> LoraWeights:
     """The shared initial LoRA (batch 1, fp32): peft's default init from one seeded generator.
 

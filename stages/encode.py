@@ -72,8 +72,9 @@ class EncodeArguments:
                                                             "(the original: 3000)."})
     passages_per_batch: int = field(default=32, metadata={"help": "Passages whose LoRAs train together in one "
                                                                   "batched forward/backward."})
-    max_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per forward; a step with more "
-                                                                   "runs as several forwards (memory bound)."})
+    max_batch_tokens: int | None = field(
+        default=None, metadata={"help": "Padded tokens per forward; a step with more runs as several forwards "
+                                        "(memory bound). Default: 16384 on an accelerator, 4096 on a CPU."})
     shard_size: int = field(default=256, metadata={"help": "Passages per bank shard file."})
     resume: bool = field(default=False, metadata={"help": "Continue the bank in output_dir: passages already in it "
                                                           "are skipped."})
@@ -83,6 +84,12 @@ class EncodeArguments:
             raise UserError("--input_file is required: the PRAG records whose passages are encoded.")
         if self.with_cot and not self.fewshot_file:
             raise UserError("--with_cot needs --fewshot_file: a JSON list of {question, answer} examples.")
+        if self.max_batch_tokens is None:
+            from dyprag.encode import default_max_batch_tokens
+
+            from .loader import local_device
+
+            self.max_batch_tokens = default_max_batch_tokens(local_device())
         for name in ("lora_rank", "lora_alpha", "cutoff_len", "passages_per_batch", "max_batch_tokens", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
