@@ -19,11 +19,13 @@ where student = model + generated LoRA and teacher = model + the passage's bank 
 injected per sample (`inject_lora`); LM and KL cover the answer tokens only, never padding.
 The bank rows of all training passages are read into memory once (`--bank_in_memory`).
 
-The translator is the only trainable module and the only one DeepSpeed wraps (ZeRO-0/1/2,
+The translator is the only trainable module and the only one DeepSpeed trains (ZeRO-0/1/2,
 "auto" values resolved from the flags before `deepspeed.initialize`); the base model stays
-outside the engine, frozen, in the compute dtype (--bf16/--fp16), optionally 4/8-bit
-(`--quantization_bit`); the translator itself trains in fp32. Without a launcher the run is a
-world of one (ZeRO-0 unless --deepspeed names a config).
+frozen in the compute dtype (--bf16/--fp16), optionally 4/8-bit (`--quantization_bit`), and
+with a ZeRO-3 config partitioned across the ranks (loaded so, gathered layer by layer by an
+engine of its own without an optimizer; the translator then trains under ZeRO-2). The
+translator itself trains in fp32. Without a launcher the run is a world of one (ZeRO-0 unless
+--deepspeed names a config).
 
 Output: OUT/translator.safetensors + translator_config.json (load with
 `dyprag.translator.load_translator`; `stages.prag_eval --projector_dir OUT` evaluates it,
@@ -43,6 +45,7 @@ counts 0 in the logged losses, and `skipped_batches` in trainer_log.jsonl counts
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -369,6 +372,15 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     import deepspeed
 
     ds_config = engine_config(training_args, model, total_steps)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # The frozen model was loaded partitioned across the ranks (ZeRO-3): an engine without an
+        # optimizer gives its modules the hooks that gather each layer's weights for the forward and
+        # backward passes. The translator (a few % of the model's size) trains under ZeRO-2.
+        deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
+        ds_config["zero_optimization"]["stage"] = 2
+        held = sum(param.ds_tensor.numel() for param in model.parameters())
+        logger.info("frozen model partitioned (ZeRO-3): this rank holds %d of its %d weights", held,
+                    sum(param.ds_numel for param in model.parameters()))
     optimizer = make_optimizer(list(translator.parameters()), training_args, ds_config)
     scheduler = get_scheduler(training_args.lr_scheduler_type, optimizer,
                               num_warmup_steps=training_args.get_warmup_steps(total_steps),
@@ -400,11 +412,8 @@ def run_projector(argv: list[str] | None = None) -> None:
     model_args, proj_args, training_args, run_args = parse_args(
         [ModelArguments, ProjectorArguments, ProjectorTrainingArguments, RunArguments], argv, STAGE)
     finetuning_args = FinetuningArguments()  # the base stays frozen; adapters given with the model are merged
+    zero3 = zero_stage(training_args.deepspeed) == 3  # the frozen model partitioned across the ranks
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
-    if zero_stage(training_args.deepspeed) == 3:
-        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which projector cannot use: it trains only "
-                        f"the small translator and keeps the frozen model outside DeepSpeed; use a ZeRO-0/1/2 config "
-                        f"such as ds_configs/zero2.json.")
     if training_args.resume_from_checkpoint == "auto":
         training_args.resume_from_checkpoint = "last"
     training_args.do_train = True  # projector only trains (no --do_train needed)
@@ -420,7 +429,7 @@ def run_projector(argv: list[str] | None = None) -> None:
     model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False,
                        compute_dtype=get_compute_dtype(training_args.bf16, training_args.fp16))
     device = local_device()
-    if model_args.quantization_bit is None:
+    if model_args.quantization_bit is None and not zero3:  # ZeRO-3's engine places the partitions itself
         model.to(device)
     teachers = Teachers(bank, pairs, proj_args.bank_in_memory)
 

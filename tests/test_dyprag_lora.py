@@ -88,6 +88,49 @@ def test_injection_equals_plain_peft_adapter(model, tmp_path):
     assert state["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"].shape == (2, model.config.hidden_size)
 
 
+def _qwen2() -> tuple:
+    """A tiny random Qwen2 (another architecture: biased attention projections, grouped KV heads), twice."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    return model, copy.deepcopy(model)
+
+
+def _llama_4bit(tiny_model) -> tuple:
+    """The tiny Llama with 4-bit (nf4) base weights, loaded twice (bitsandbytes modules do not deep-copy)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.loader import build_quantization_config
+
+    config = build_quantization_config(4, "nf4", True, torch.float32)
+    return tuple(AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=config,
+                                                      device_map={"": "cpu"}).eval() for _ in range(2))
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama_4bit"])
+def test_injection_equals_plain_peft_on_qwen2_and_on_4bit_weights(architecture, tiny_model, tmp_path):
+    from peft import PeftModel
+
+    model, twin = _qwen2() if architecture == "qwen2" else _llama_4bit(tiny_model)
+    if architecture == "llama_4bit":
+        import bitsandbytes as bnb
+
+        assert isinstance(model.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)
+    weights = select(random_lora(model, 1, seed=7, scale=0.2), 0)
+    save_peft_adapter(weights, 0, SPEC, architecture, tmp_path / "adapter")
+    ids = tokens(2, seed=8) % model.config.vocab_size
+    expected = logits(PeftModel.from_pretrained(twin, tmp_path / "adapter").eval(), ids)
+    base = logits(model, ids)
+    with inject_lora(model, weights, SPEC.scaling):
+        injected = logits(model, ids)
+    assert (expected - base).abs().max() > 1e-2  # the LoRA does change the outputs
+    torch.testing.assert_close(injected, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(model, ids), base, atol=0, rtol=0)  # and is gone after the block
+
+
 def test_per_sample_injection_equals_each_sample_alone(model):
     ids = tokens(3, seed=4)
     lora = random_lora(model, 3, seed=5)

@@ -228,7 +228,7 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_train_save_and_resume(tiny_model, demo_data, bank_dir, tmp_path):
+def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, bank_dir, tmp_path):
     out = tmp_path / "two_ranks"
     weights = tiny_model / "model.safetensors"
     before = _sha256(weights)
@@ -249,6 +249,16 @@ def test_two_ranks_zero2_train_save_and_resume(tiny_model, demo_data, bank_dir, 
     again = load_file(str(out / "translator.safetensors"))
     for key in final:
         torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)
+    # ZeRO-3: the frozen model partitioned across the ranks (the translator under ZeRO-2) trains the same translator.
+    partitioned = tmp_path / "zero3"
+    result = launch("projector", *projector_args(tiny_model, demo_data, bank_dir, partitioned, "--max_steps", "4",
+                                                 "--save_steps", "2", "--deepspeed", "ds_configs/zero3.json"))
+    line = next(line for line in result.stderr.splitlines() if "frozen model partitioned" in line)  # rank 0's
+    held, _, _, total = line.split("holds ")[1].split()[:4]
+    assert 0 < int(held) <= int(total) // 2 + 1000, line  # half of the weights (+ padding) on each of 2 ranks
+    zero3 = load_file(str(partitioned / "translator.safetensors"))
+    for key in final:
+        torch.testing.assert_close(zero3[key], final[key], atol=1e-5, rtol=0)
     assert _sha256(weights) == before  # the frozen base is never written
 
 

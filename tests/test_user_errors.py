@@ -89,8 +89,8 @@ def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = N
 #   encode           missing / malformed (JSON list) --input_file; no passages; LoRA rank 0; ZeRO-3; not a causal
 #                    LM; output_dir holding a bank; truncated shard on --resume
 #   projector        missing --data_file; no / not a --bank_dir; no record in --split; every pair longer than
-#                    --cutoff_len (dropped); ZeRO-3; not a causal LM; output_dir holding a run; corrupt bank shard
-#                    (sha256); truncated checkpoint
+#                    --cutoff_len (dropped); 8-bit under ZeRO-3; not a causal LM; output_dir holding a run; corrupt
+#                    bank shard (sha256); truncated checkpoint
 #   prag_eval        missing / not UTF-8 / answer-less --data_file; no record in --split; --bank_dir that is not a
 #                    folder; ZeRO-3 (generation); not a causal LM; output_dir holding files; corrupt bank shard;
 #                    truncated translator
@@ -358,9 +358,10 @@ CASES: dict[str, Case] = {
         "projector", lambda e: [*prag(e, "projector_every_pair_too_long"), "--bank_dir", e["bank"],
                                 "--cutoff_len", "4"],
         lambda e: ["--data_file", "longer than --cutoff_len 4"], args_only=False),
-    "projector_zero3": Case(
-        "projector", lambda e: [*prag(e, "projector_zero3"), "--bank_dir", e["bank"], "--deepspeed", ZERO3],
-        lambda e: ["--deepspeed", "ZeRO-3", "zero2.json"]),
+    "projector_8bit_under_zero3": Case(
+        "projector", lambda e: [*prag(e, "projector_8bit_under_zero3"), "--bank_dir", e["bank"], "--quantization_bit",
+                                "8", "--deepspeed", ZERO3],
+        lambda e: ["--quantization_bit", "ZeRO-3"]),
     "projector_not_a_causal_lm": Case(
         "projector", lambda e: [*prag(e, "projector_not_a_causal_lm", model=e["t5"]), "--bank_dir", e["bank"]],
         lambda e: ["--model_name_or_path", str(e["t5"]), "not a causal LM"]),
