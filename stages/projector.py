@@ -412,8 +412,9 @@ def run_projector(argv: list[str] | None = None) -> None:
     model_args, proj_args, training_args, run_args = parse_args(
         [ModelArguments, ProjectorArguments, ProjectorTrainingArguments, RunArguments], argv, STAGE)
     finetuning_args = FinetuningArguments()  # the base stays frozen; adapters given with the model are merged
-    zero3 = zero_stage(training_args.deepspeed) == 3  # the frozen model partitioned across the ranks
-    check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
+    stage = zero_stage(training_args.deepspeed)
+    check_model_args(model_args, finetuning_args, stage)
+    zero3 = stage == 3  # the frozen model partitioned across the ranks
     if training_args.resume_from_checkpoint == "auto":
         training_args.resume_from_checkpoint = "last"
     training_args.do_train = True  # projector only trains (no --do_train needed)
