@@ -57,9 +57,9 @@ def init_single_process_env() -> None:
 
 # ------------------------------------------------- whole tensors of a (ZeRO-partitioned) training run
 # Checkpoints of the stages that drive DeepSpeed (or torch) themselves hold whole tensors by
-# parameter name, so a run resumes on any number of ranks and nothing is pickled.
-
-MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state (torch AdamW and DeepSpeedCPUAdam)
+# parameter name, so a run resumes on any number of ranks and nothing is pickled. The optimizer
+# state saved is every per-element tensor it keeps for a parameter (Adam's exp_avg/exp_avg_sq,
+# RMSprop's square_avg, SGD's momentum_buffer, ...) plus its step count.
 
 
 def init_deepspeed_comm() -> None:
@@ -132,12 +132,34 @@ def _fp32_copies(optimizer: Any) -> dict[int, Any]:
 
 
 def unsupported_optimizer(optimizer: Any) -> str | None:
-    """Why this optimizer's state cannot be saved as whole tensors (then the engine's own format is kept), or None."""
-    if not has_adam_moments(optimizer):
-        return f"{type(_torch_optimizer(optimizer)).__name__} (no Adam moments)"
+    """Why this optimizer's state cannot be saved as whole tensors (then the engine's own format is kept), or None.
+
+    Call it after the first step (the state is created then). Supported: state made of tensors with one
+    value per element of the parameter, a "step" count and None entries (SGD without momentum).
+    """
     if _wrapper_with(optimizer, "fp32_groups_flat") is not None:  # FusedAdam's fp16/bf16 wrapper without ZeRO
         return "DeepSpeed's fused fp16/bf16 optimizer"
+    base = _torch_optimizer(optimizer)
+    for param, state in base.state.items():
+        for key, value in state.items():
+            if key == "step" or value is None:
+                continue
+            if not hasattr(value, "numel") or value.dim() == 0 or value.numel() != param.numel():
+                return f"{type(base).__name__} (its state {key!r} is not one value per parameter element)"
     return None
+
+
+def unsupported_optim(training_args: Any) -> str | None:
+    """`unsupported_optimizer` for the optimizer `--optim` builds, told by stepping one on a small matrix."""
+    import torch
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = optimizer_cls([param], **kwargs)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    return unsupported_optimizer(optimizer)
 
 
 def gather_weights(module: Any, optimizer: Any) -> dict[str, Any]:
@@ -172,7 +194,7 @@ def restore_weights(module: Any, optimizer: Any, weights: dict[str, Any]) -> Non
                 copies[id(param)].copy_(value.view_as(param.data))
 
 
-def _link_zero_moments(optimizer: Any) -> None:
+def _link_zero_state(optimizer: Any) -> None:
     """Point every ZeRO-1/2 parameter's slice at the optimizer state of its flat fp32 partition.
 
     deepspeed 0.19.8 links them once, right after the torch optimizer stepped the *first* param
@@ -186,43 +208,51 @@ def _link_zero_moments(optimizer: Any) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def gather_moments(module: Any, optimizer: Any) -> dict[str, Any]:
-    """Every trained parameter's Adam moments, whole ("<name>.exp_avg", ...), after at least one step."""
+def gather_optimizer_state(module: Any, optimizer: Any) -> dict[str, Any]:
+    """Every trained parameter's optimizer state, whole ("<name>.exp_avg", ...), after at least one step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     state, copies = _torch_optimizer(optimizer).state, _fp32_copies(optimizer)
-    _link_zero_moments(optimizer)
+    keys = _state_keys(optimizer)
+    _link_zero_state(optimizer)
     return {f"{name}.{key}": safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
-            else state[copies.get(id(param), param)][key] for name, param in _trained(module) for key in MOMENTS}
+            else state[copies.get(id(param), param)][key] for name, param in _trained(module) for key in keys}
 
 
-def restore_moments(module: Any, optimizer: Any, moments: dict[str, Any], step: int) -> None:
-    """Put saved Adam moments (whole tensors) into a fresh run's optimizer, each rank its slice.
+def restore_optimizer_state(module: Any, optimizer: Any, saved: dict[str, Any], step: int | None) -> None:
+    """Put saved optimizer state (whole tensors, `step`: the saved step count or None) into a fresh run's
+    optimizer, each rank its slice.
 
-    Adam creates its state lazily at the first step, so it is created here (zeros, the saved
-    step count) before the saved moments are written into it. The weights need nothing when
-    the module was given them before the optimizer (and ZeRO's fp32 master) was built.
+    Optimizers create their state lazily at the first step, so it is created here (zeros, the saved
+    step count) before the saved tensors are written into it. The weights need nothing when the
+    module was given them before the optimizer (and ZeRO's fp32 master) was built.
     """
     import torch
 
+    trained = _trained(module)
+    first = f"{trained[0][0]}."
+    keys = [name[len(first):] for name in saved if name.startswith(first)]
     base = _torch_optimizer(optimizer)
     # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step.
     zero3 = _wrapper_with(optimizer, "fp32_partitioned_groups_flat")
     flats = zero3.fp32_partitioned_groups_flat if zero3 is not None else [
         flat for group in base.param_groups for flat in group["params"]]
+    # torch's own optimizers count steps in a tensor (one each: it is incremented in place), DeepSpeed's
+    # CPU Adam in an int; SGD counts none.
+    in_tensor = type(base).__module__.startswith("torch.optim")
     for flat in flats:
-        count = torch.tensor(float(step)) if isinstance(base, torch.optim.AdamW) else step
-        base.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    trained = _trained(module)
+        base.state[flat] = {key: torch.zeros_like(flat) for key in keys}
+        if step is not None:
+            base.state[flat]["step"] = torch.tensor(float(step)) if in_tensor else step
     partitioned = any(_is_partitioned(param) for _, param in trained)
     # ZeRO-1/2 link every parameter's slice to the state just created at their first step: done here.
-    _link_zero_moments(optimizer)
+    _link_zero_state(optimizer)
     from deepspeed.utils import safe_set_full_optimizer_state
 
     copies = _fp32_copies(optimizer)
     for name, param in trained:
-        for key in MOMENTS:
-            value = moments[f"{name}.{key}"].to(param.device)
+        for key in keys:
+            value = saved[f"{name}.{key}"].to(param.device)
             if partitioned:
                 safe_set_full_optimizer_state(param, value, key)
             else:
@@ -242,13 +272,13 @@ def _first_state(optimizer: Any) -> dict[str, Any]:
     return next(iter(_torch_optimizer(optimizer).state.values()), {})
 
 
-def has_adam_moments(optimizer: Any) -> bool:
-    """Whether the (innermost) optimizer keeps Adam's moments, the state `gather_moments` saves."""
-    state = _first_state(optimizer)
-    return all(key in state for key in MOMENTS)
+def _state_keys(optimizer: Any) -> list[str]:
+    # The per-element tensors the (innermost) optimizer keeps for each parameter.
+    return [key for key, value in _first_state(optimizer).items()
+            if key != "step" and value is not None and value.dim() > 0]
 
 
-def optimizer_step(optimizer: Any) -> int:
-    """How many updates the (innermost) Adam optimizer has made: its per-parameter step count."""
+def optimizer_step(optimizer: Any) -> int | None:
+    """How many updates the (innermost) optimizer has made by its per-parameter step count (None: it keeps none)."""
     state = _first_state(optimizer)
-    return int(state["step"]) if state else 0
+    return int(state["step"]) if "step" in state else None

@@ -165,7 +165,7 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from .data import get_dataset
     from .data.processors import prompt_only
     from .data.template import get_template
-    from .deepspeed_utils import zero_stage
+    from .deepspeed_utils import unsupported_optim, zero_stage
     from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
     from .ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
@@ -183,6 +183,11 @@ def run_ppo(argv: list[str] | None = None) -> None:
     if rollouts % ppo_args.num_mini_batches or (ppo_args.whiten_rewards and rollouts // ppo_args.num_mini_batches < 8):
         raise UserError(f"--num_mini_batches {ppo_args.num_mini_batches} must divide per_device_train_batch_size x "
                         f"gradient_accumulation_steps = {rollouts} (into >= 8 rollouts each with --whiten_rewards).")
+    unsupported = unsupported_optim(training_args)
+    if unsupported:
+        optim = getattr(training_args.optim, "value", training_args.optim)
+        raise UserError(f"--optim {optim}: ppo checkpoints hold the optimizer state as one whole tensor per parameter, "
+                        f"and {unsupported}; use adamw_torch (the default), sgd or rmsprop.")
     reward_args = reward_model_args(ppo_args.reward_model, model_args.trust_remote_code)
     check_model_args(reward_args, finetuning_args, stage)
     training_args.do_train = True  # ppo only trains (no --do_train needed)

@@ -27,7 +27,8 @@ from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
 from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, restore_moments, restore_scheduler
+from .deepspeed_utils import (gather_optimizer_state, gather_weights, optimizer_step, restore_optimizer_state,
+                              restore_scheduler)
 from .errors import RunStopped, UserError
 from .loader import gathered_if_zero3
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 # A checkpoint-N holds the policy at update N as an sft output, and what a resume needs besides:
 WEIGHTS_FILE = "trained_weights.safetensors"  # every trained tensor of policy and value model, fp32, whole
-OPTIMIZER_FILE = "optimizer.safetensors"  # their Adam moments, whole
+OPTIMIZER_FILE = "optimizer.safetensors"  # their optimizer state (Adam moments), whole
 PPO_STATE_FILE = "ppo_state.json"  # scheduler, optimizer step count, the run's shape
 STATE_FILE = "trainer_state.json"  # update count, episodes, log history
 RNG_FILE = "rng_state_{rank}.safetensors"  # every rank's random generators
@@ -170,7 +171,7 @@ class PolicyTrainer(PPOTrainer):
     - `save_model` writes the policy alone, like an sft output (adapter folder, or full model)
       plus tokenizer, gathering ZeRO-3 shards first (TRL's own save breaks under DeepSpeed).
     - `checkpoint-N` holds the policy at update N and everything a resume needs (TRL's PPO
-      saves none of it): trained weights and Adam moments as whole tensors, the scheduler,
+      saves none of it): trained weights and optimizer state as whole tensors, the scheduler,
       the update count, every rank's random generators; the prompts come from `PromptBatches`.
       It is written under output_dir/.saving/ and renamed whole once every rank is done.
       `resume_from` continues such a run exactly where its checkpoint left it.
@@ -217,7 +218,8 @@ class PolicyTrainer(PPOTrainer):
                             f"({ {key: state[key] for key in shape} }, this one: {shape}); resume with the same ranks, "
                             f"batch sizes and run length.")
         wrapper = self.accelerator.unwrap_model(self.model)
-        restore_moments(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), state["optimizer_step"])
+        restore_optimizer_state(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)),
+                                state["optimizer_step"])
         restore_scheduler(self.lr_scheduler, state["scheduler"])
         logger.info("resuming from %s after update %d", checkpoint, state["updates"])
         return state["updates"]
@@ -332,7 +334,7 @@ class PolicyTrainer(PPOTrainer):
         self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
         wrapper = self.accelerator.unwrap_model(self.model)
         # collective: every rank takes part
-        weights, moments = gather_weights(wrapper, self.optimizer), gather_moments(wrapper, self.optimizer)
+        weights, moments = gather_weights(wrapper, self.optimizer), gather_optimizer_state(wrapper, self.optimizer)
         staging.mkdir(parents=True, exist_ok=True)
         save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
         if main:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from transformers import TrainingArguments
 
 from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import (gather_moments, gather_weights, restore_moments, restore_scheduler,
+from .deepspeed_utils import (gather_optimizer_state, gather_weights, restore_optimizer_state, restore_scheduler,
                               without_round_robin_gradients)
 from .errors import RunStopped, UserError, main_guard
 
@@ -222,7 +222,7 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
 
     # collective: every rank takes part
     weights = gather_weights(engine.module, engine.optimizer)
-    moments = gather_moments(engine.module, engine.optimizer)
+    moments = gather_optimizer_state(engine.module, engine.optimizer)
     final = out / f"checkpoint-{step}"
     if rank != 0 or final.exists():
         return None
@@ -388,7 +388,7 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     engine, *_ = deepspeed.initialize(model=translator, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if checkpoint is not None:
         _, moments, state = checkpoint
-        restore_moments(engine.module, engine.optimizer, moments, state["global_step"])
+        restore_optimizer_state(engine.module, engine.optimizer, moments, state["global_step"])
         restore_scheduler(scheduler, state["scheduler"])
     return engine, scheduler
 

@@ -188,21 +188,22 @@ class StageTrainer(Trainer):
         return None
 
     def _save_deepspeed_state(self, folder: Path) -> None:
-        """Trained fp32 masters, their Adam moments, the step count and the scheduler. All ranks gather."""
-        from .deepspeed_utils import gather_moments, gather_weights, optimizer_step, unsupported_optimizer
+        """Trained fp32 masters, their optimizer state, the step count and the scheduler. All ranks gather."""
+        from .deepspeed_utils import gather_optimizer_state, gather_weights, optimizer_step, unsupported_optimizer
 
         # Not covered, so kept in the engine's own (pickled) checkpoint: fp16 (its loss scale is state
-        # too), optimizers without Adam moments and DeepSpeed's fused mixed-precision optimizer.
+        # too), optimizers whose state is not per element (Adafactor's factored moments) and DeepSpeed's
+        # fused mixed-precision optimizer.
         unsupported = "fp16" if self.args.fp16 else unsupported_optimizer(self.optimizer)
         if unsupported:
             logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format", unsupported)
             return super()._save_optimizer_and_scheduler(str(folder))
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        weights, moments = gather_weights(model, self.optimizer), gather_moments(model, self.optimizer)
+        weights, state = gather_weights(model, self.optimizer), gather_optimizer_state(model, self.optimizer)
         if self.args.should_save:
             save_file({name: tensor.contiguous().cpu() for name, tensor in weights.items()},
                       str(folder / TRAINED_WEIGHTS))
-            save_file({name: tensor.float().contiguous().cpu() for name, tensor in moments.items()},
+            save_file({name: tensor.float().contiguous().cpu() for name, tensor in state.items()},
                       str(folder / OPTIMIZER_TENSORS))
             (folder / OPTIMIZER_JSON).write_text(json.dumps({"step": optimizer_step(self.optimizer)}),
                                                  encoding="utf-8")
@@ -219,11 +220,11 @@ class StageTrainer(Trainer):
 
     def _load_deepspeed_state(self, checkpoint: Path) -> None:
         """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks)."""
-        from .deepspeed_utils import restore_moments, restore_scheduler
+        from .deepspeed_utils import restore_optimizer_state, restore_scheduler
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
         step = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))["step"]
-        restore_moments(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)), step)
+        restore_optimizer_state(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)), step)
         restore_scheduler(self.lr_scheduler, json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
 
     def _save_scaler(self, output_dir: str) -> None:

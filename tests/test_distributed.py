@@ -186,20 +186,24 @@ def _assert_resumed_like_whole(whole: Path, resumed: Path) -> None:
         assert (expected[key] - got[key]).abs().max() <= 1e-6, key
 
 
-@pytest.mark.parametrize("zero, finetuning_type, bf16", [("zero2", "lora", "false"), ("zero2", "full", "true"),
-                                                         ("zero0", "full", "true")])
+@pytest.mark.parametrize("zero, finetuning_type, bf16, optim", [
+    ("zero2", "lora", "false", "sgd"), ("zero2", "full", "true", "rmsprop"), ("zero0", "full", "true", "adamw_torch")])
 def test_pt_two_ranks_with_eval_resumes_from_its_checkpoint(tiny_model, demo_data, tmp_path, zero, finetuning_type,
-                                                            bf16):
+                                                            bf16, optim):
     """Two ranks: eval metrics; checkpoint-2 of 4 (whole tensors, no pickles) resumes to the same weights. Full
     fine-tuning has two param groups (weight decay and none); bf16 keeps fp32 masters apart from the weights
-    (ZeRO-2: partitions of a flat master; without ZeRO: DeepSpeed's bf16 optimizer holds one copy per weight)."""
+    (ZeRO-2: partitions of a flat master; without ZeRO: DeepSpeed's bf16 optimizer holds one copy per weight).
+    The optimizer state saved is whatever the optimizer keeps per element: SGD's momentum buffer (and no step
+    count), RMSprop's square_avg, momentum buffer and step count, Adam's two moments and step count (one per
+    weight here: a step count shared between them would be advanced once per weight)."""
     from stages.callbacks import read_log
 
     out = tmp_path / "pt"
     args = ["--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
             "--max_samples", "64", "--cutoff_len", "64", "--val_size", "8", "--do_train", "--max_steps", "4",
             "--save_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "2",
-            "--logging_steps", "1", "--report_to", "none", "--finetuning_type", finetuning_type, "--bf16", bf16]
+            "--logging_steps", "1", "--report_to", "none", "--finetuning_type", finetuning_type, "--bf16", bf16,
+            "--optim", optim, *(["--optim_args", "momentum=0.9"] if optim != "adamw_torch" else [])]
     launch("pt", *args, "--output_dir", out, "--do_eval", nproc=2, DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))
 
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
@@ -208,6 +212,12 @@ def test_pt_two_ranks_with_eval_resumes_from_its_checkpoint(tiny_model, demo_dat
     assert math.isfinite(metrics["eval_loss"])
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
 
+    from safetensors import safe_open
+
+    with safe_open(out / "checkpoint-2" / "optimizer.safetensors", "pt") as saved:
+        kinds = {name.rsplit(".", 1)[1] for name in saved.keys()}
+    assert kinds == {"adamw_torch": {"exp_avg", "exp_avg_sq"}, "rmsprop": {"square_avg", "momentum_buffer"},
+                     "sgd": {"momentum_buffer"}}[optim]
     resumed = tmp_path / "resumed"
     launch("pt", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-2", nproc=2,
            DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))

@@ -249,6 +249,9 @@ CASES: dict[str, Case] = {
     "ppo_lora_rank_zero": Case(
         "ppo", lambda e: [*ppo(e, "ppo_lora_rank_zero"), "--lora_rank", "0"],
         lambda e: ["--lora_rank"]),
+    "ppo_optimizer_state_not_per_element": Case(  # its checkpoints could not hold Adafactor's factored state
+        "ppo", lambda e: [*ppo(e, "ppo_optimizer_state_not_per_element"), "--optim", "adafactor"],
+        lambda e: ["--optim adafactor", "exp_avg_sq_row", "adamw_torch"]),
     "ppo_not_a_causal_lm": Case(
         "ppo", lambda e: ppo(e, "ppo_not_a_causal_lm", model=e["t5"]),
         lambda e: ["--model_name_or_path", str(e["t5"]), "not a causal LM"]),
