@@ -23,6 +23,19 @@ class RunStopped(Exception):
     """Training stopped on purpose (e.g. a non-finite loss); printed as one line, exit status 1."""
 
 
+def _close_process_group() -> None:
+    """Destroy this rank's process group at the end of a successful multi-rank run.
+
+    A rank that is done (e.g. not rank 0, which still writes the outputs) otherwise exits with
+    its process group alive, and tearing that down at interpreter exit can abort the process
+    ("terminate called without an active exception", exit -6), which fails the whole launch.
+    Worlds of one are left alone: a stage run in-process (tests, benchmarks) keeps its group.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and distributed is not None and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
     """Wrap a stage's `run_*` so a `UserError` ends the process with one line and status 2."""
 
@@ -32,6 +45,7 @@ def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[li
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             entrypoint(argv)
+            _close_process_group()
         except UserError as err:
             # Under the DeepSpeed launcher every rank usually hits the same validation error:
             # rank 0 prints it at once and exits, and the launcher then kills the others. A
