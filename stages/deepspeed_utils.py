@@ -150,12 +150,16 @@ def unsupported_optimizer(optimizer: Any) -> str | None:
 
 
 def unsupported_optim(training_args: Any) -> str | None:
-    """`unsupported_optimizer` for the optimizer `--optim` builds, told by stepping one on a small matrix."""
+    """`unsupported_optimizer` for the optimizer `--optim` builds, told by stepping one on a 64x64 matrix.
+
+    4096 elements: bitsandbytes keeps 8-bit (not per-element) state only from that size on, and
+    32-bit state below it, which would pass.
+    """
     import torch
     from transformers import Trainer
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
-    param = torch.nn.Parameter(torch.zeros(4, 4))
+    param = torch.nn.Parameter(torch.zeros(64, 64))
     optimizer = optimizer_cls([param], **kwargs)
     param.grad = torch.ones_like(param)
     optimizer.step()
