@@ -3,6 +3,10 @@ PYTHON ?= python
 # CPU machines: torch's CPU build first, so the project's `torch>=` range keeps it.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test files run side by side, one pytest-xdist worker per logical core (a file's tests stay together:
+# several share a trained fixture), the longest first (tests/conftest.py); `make test TEST_WORKERS=0`
+# runs them in this process.
+TEST_WORKERS ?= logical
 
 .PHONY: install demo test test-slurm bench
 
@@ -14,7 +18,7 @@ demo: install
 	bash launch/pipeline.sh
 
 test: install
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The Slurm job scripts under a single-node Slurm that tests/slurm/setup_slurm.sh installs
 # and starts (root, Debian packages).

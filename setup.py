@@ -32,6 +32,6 @@ setup(
         "bm25s>=0.2.10,<0.4",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
     entry_points={"console_scripts": ["stages-export=stages.export:main"]},
 )

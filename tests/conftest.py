@@ -20,6 +20,34 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test`: one worker per core), each worker and the stages it starts get
+    an equal share of the cores: torch's default of one thread per core in every worker would
+    oversubscribe the machine, and OpenMP threads that wait for a busy core spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+# The longest test files (seconds on one 2-core worker: ~290 each for the first two, then 170-245),
+# collected first so that pytest-xdist (`--dist loadfile --no-loadscope-reorder`, as `make test`
+# runs it) starts them first and the short files fill in around them at the end.
+LONGEST_FIRST = ["test_pipeline.py", "test_ppo.py", "test_distributed.py", "test_reliability.py",
+                 "test_prag_eval.py", "test_projector.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory) -> Path:
     """The embedded default (tiny preset): DIR/model and DIR/data."""
