@@ -86,7 +86,7 @@ def evaluated(tiny_model, demo_data, tmp_path_factory) -> dict[str, Any]:
     records = work / "records.json"
     records.write_text(json.dumps(_oracle_records(demo_data)))
 
-    env = stage_env(OMP_NUM_THREADS="2")
+    env = stage_env()
     model = work / "sft"
     run_stage("sft", "--model_name_or_path", tiny_model, "--dataset", "prag_sft", "--dataset_dir", work / "data",
               "--output_dir", model, "--do_train", "--finetuning_type", "full", "--train_on_prompt",
@@ -103,7 +103,7 @@ def evaluated(tiny_model, demo_data, tmp_path_factory) -> dict[str, Any]:
     wandb_dir.mkdir()
     result = run_stage("prag_eval", "--model_name_or_path", model, "--data_file", records, "--bank_dir", bank,
                        "--output_dir", out, "--top_k", "1", "--per_device_eval_batch_size", "32",
-                       "--report_to", "wandb", env=stage_env(OMP_NUM_THREADS="2", WANDB_MODE="offline",
+                       "--report_to", "wandb", env=stage_env(WANDB_MODE="offline",
                                                              WANDB_DIR=str(wandb_dir)))
     return {"model": model, "records": records, "bank": bank, "out": out, "wandb": wandb_dir, "stdout": result.stdout}
 
@@ -187,7 +187,7 @@ def test_dyprag_closes_the_gap_on_its_training_passages(evaluated, tmp_path):
     seen = set(list(dict.fromkeys(r["entity_id"] for r in records))[:5])
     train = [r for r in records if r["entity_id"] in seen]
     (tmp_path / "train.json").write_text(json.dumps(train))
-    env = stage_env(OMP_NUM_THREADS="2")
+    env = stage_env()
     common = ["--model_name_or_path", evaluated["model"], "--bank_dir", evaluated["bank"], "--report_to", "none"]
     projector = tmp_path / "projector"
     run_stage("projector", *common, "--data_file", tmp_path / "train.json", "--output_dir", projector,
