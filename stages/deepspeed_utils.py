@@ -158,8 +158,11 @@ def unsupported_optim(training_args: Any) -> str | None:
     import torch
     from transformers import Trainer
 
+    from .loader import local_device
+
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
-    param = torch.nn.Parameter(torch.zeros(64, 64))
+    # On the run's device: some optimizers step accelerator tensors only.
+    param = torch.nn.Parameter(torch.zeros(64, 64, device=local_device()))
     optimizer = optimizer_cls([param], **kwargs)
     param.grad = torch.ones_like(param)
     optimizer.step()

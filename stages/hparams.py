@@ -234,6 +234,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
+def check_optim_installed(training_args: Any) -> None:
+    """An --optim whose package is missing is refused before anything loads, not by the Trainer once the
+    model is loaded (stages whose optimizer the Trainer builds: pt, sft, rm, ppo)."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args)
+    except (ImportError, ValueError) as err:
+        # ValueError: also an optimizer that needs the model to be built (GaLore's target modules); the
+        # Trainer checks that one itself when it builds the optimizer.
+        if isinstance(err, ImportError) or "install" in str(err):
+            optim = getattr(training_args.optim, "value", training_args.optim)
+            raise UserError(f"--optim {optim}: {str(err).strip().splitlines()[0]}") from None
+
+
 def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
     """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
 

@@ -166,7 +166,8 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from .data.processors import prompt_only
     from .data.template import get_template
     from .deepspeed_utils import unsupported_optim, zero_stage
-    from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+                          parse_args)
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
     from .ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
 
@@ -176,6 +177,7 @@ def run_ppo(argv: list[str] | None = None) -> None:
         "ppo")
     stage = zero_stage(training_args.deepspeed)
     check_model_args(model_args, finetuning_args, stage)
+    check_optim_installed(training_args)
     if model_args.quantization_bit is not None and model_args.adapters:
         raise UserError("a quantized policy cannot merge its sft adapter under the PPO adapter; export the sft model "
                         "first (python -m stages.export) and pass it as --model_name_or_path.")

@@ -21,7 +21,8 @@ def run_pt(argv: list[str] | None = None) -> None:
     from .data import get_dataset
     from .data.processors import pt_blocks
     from .deepspeed_utils import zero_stage
-    from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+                          parse_args)
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
     from .trainers import StageTrainer
 
@@ -29,6 +30,7 @@ def run_pt(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "pt")
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
+    check_optim_installed(training_args)
     prepare_output_dir(training_args, run_args)
     config = resolved_config("pt", model_args, data_args, training_args, finetuning_args, run_args)
     save_config(training_args.output_dir, config)

@@ -51,7 +51,8 @@ def run_rm(argv: list[str] | None = None) -> None:
     from .data.template import get_template
     from .deepspeed_utils import zero_stage
     from .errors import UserError
-    from .hparams import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+                          parse_args)
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
     from .trainers import PairwiseTrainer
 
@@ -59,6 +60,7 @@ def run_rm(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "rm")
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
+    check_optim_installed(training_args)
     training_args.remove_unused_columns = False  # the pairs' columns are not forward() arguments
 
     # 2. tokenizer, template, pairs (a non-pairwise dataset is refused while loading, before

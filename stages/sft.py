@@ -48,7 +48,7 @@ def run_sft(argv: list[str] | None = None) -> None:
     from .data.template import get_template
     from .deepspeed_utils import zero_stage
     from .hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments,
-                          parse_args)
+                          check_optim_installed, parse_args)
     from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
     from .trainers import SupervisedTrainer
 
@@ -57,6 +57,7 @@ def run_sft(argv: list[str] | None = None) -> None:
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, GeneratingArguments,
          RunArguments], argv, "sft")
     check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
+    check_optim_installed(training_args)
     prepare_output_dir(training_args, run_args)
     training_args.remove_unused_columns = False  # packed rows carry segment_ids for the collator
     config = resolved_config("sft", model_args, data_args, training_args, finetuning_args, generating_args, run_args)

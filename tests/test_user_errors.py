@@ -73,9 +73,9 @@ def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = N
 #                    quantization + full tuning, LoRA rank < 0; output_dir holding a run; truncated checkpoint
 #   sft              unknown dataset; missing / not UTF-8 data file; malformed JSON (the line); missing column; no
 #                    usable rows; unknown flag or config key; malformed DeepSpeed config; quantization + full
-#                    tuning, 8-bit + ZeRO-3, LoRA rank 0, fp16 under DeepSpeed without a GPU; not a causal LM;
-#                    output_dir holding a run (refused, or accepted with --overwrite_output_dir / resuming);
-#                    truncated checkpoint
+#                    tuning, 8-bit + ZeRO-3, LoRA rank 0, fp16 under DeepSpeed without a GPU; an --optim whose
+#                    package is not installed; not a causal LM; output_dir holding a run (refused, or accepted
+#                    with --overwrite_output_dir / resuming); truncated checkpoint
 #   rm               missing data file; malformed JSON; non-pairwise dataset; missing chosen column; 8-bit + ZeRO-3,
 #                    quantization + full tuning, LoRA rank 0; not a causal LM; output_dir (refused after the data
 #                    is read); truncated checkpoint
@@ -171,6 +171,9 @@ CASES: dict[str, Case] = {
     "8bit_under_zero3": Case(
         "sft", lambda e: [*base(e, "8bit_under_zero3"), "--quantization_bit", "8", "--deepspeed", ZERO3],
         lambda e: ["--quantization_bit", "ZeRO-3"]),
+    "optim_package_missing": Case(  # refused before the model loads, not by the Trainer's ImportError
+        "sft", lambda e: [*base(e, "optim_package_missing"), "--optim", "lomo"],
+        lambda e: ["--optim lomo", "lomo_optim"]),
     "lora_rank_zero": Case(
         "sft", lambda e: [*base(e, "lora_rank_zero"), "--lora_rank", "0"],
         lambda e: ["--lora_rank"]),
