@@ -18,7 +18,7 @@ prompts per rank: generate, score, then `ppo_epochs` passes over it in `num_mini
 mini-batches. Run length: `--max_steps` updates, or `--num_train_epochs` passes over the prompts.
 
 Checkpoints (`--save_steps` updates) hold the policy like an sft output plus the trained value
-model, Adam moments, scheduler and every rank's random generators (stages/ppo_trainer.py), so
+model, optimizer state, scheduler and every rank's random generators (stages/ppo_trainer.py), so
 `--resume_from_checkpoint last` continues a killed run exactly, on the same ranks and batch sizes.
 A NaN/inf PPO loss stops the run (or, with `--nan_policy skip`, adds no gradient and is counted).
 

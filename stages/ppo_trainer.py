@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 # A checkpoint-N holds the policy at update N as an sft output, and what a resume needs besides:
 WEIGHTS_FILE = "trained_weights.safetensors"  # every trained tensor of policy and value model, fp32, whole
-OPTIMIZER_FILE = "optimizer.safetensors"  # their optimizer state (Adam moments), whole
+OPTIMIZER_FILE = "optimizer.safetensors"  # their optimizer state (Adam moments, a momentum buffer, ...), whole
 PPO_STATE_FILE = "ppo_state.json"  # scheduler, optimizer step count, the run's shape
 STATE_FILE = "trainer_state.json"  # update count, episodes, log history
 RNG_FILE = "rng_state_{rank}.safetensors"  # every rank's random generators
@@ -334,11 +334,12 @@ class PolicyTrainer(PPOTrainer):
         self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
         wrapper = self.accelerator.unwrap_model(self.model)
         # collective: every rank takes part
-        weights, moments = gather_weights(wrapper, self.optimizer), gather_optimizer_state(wrapper, self.optimizer)
+        weights = gather_weights(wrapper, self.optimizer)
+        optimizer_state = gather_optimizer_state(wrapper, self.optimizer)
         staging.mkdir(parents=True, exist_ok=True)
         save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
         if main:
-            for tensors, file in ((weights, WEIGHTS_FILE), (moments, OPTIMIZER_FILE)):
+            for tensors, file in ((weights, WEIGHTS_FILE), (optimizer_state, OPTIMIZER_FILE)):
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(staging / file))
             ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
                          "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,
