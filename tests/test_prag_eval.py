@@ -103,8 +103,7 @@ def evaluated(tiny_model, demo_data, tmp_path_factory) -> dict[str, Any]:
     wandb_dir.mkdir()
     result = run_stage("prag_eval", "--model_name_or_path", model, "--data_file", records, "--bank_dir", bank,
                        "--output_dir", out, "--top_k", "1", "--per_device_eval_batch_size", "32",
-                       "--report_to", "wandb", env=stage_env(WANDB_MODE="offline",
-                                                             WANDB_DIR=str(wandb_dir)))
+                       "--report_to", "wandb", env=stage_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)))
     return {"model": model, "records": records, "bank": bank, "out": out, "wandb": wandb_dir, "stdout": result.stdout}
 
 
