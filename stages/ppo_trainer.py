@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import trl.experimental.ppo.ppo_trainer as trl_ppo
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, TrainerCallback
@@ -61,6 +63,106 @@ def truncated_sampling(generate: Callable[..., Any], top_k: int, top_p: float) -
         return output
 
     return generate_truncated
+
+
+class ResponseLogits:
+    """A policy's logits at the response positions only, where TRL's PPO loop computes them for the whole sequence.
+
+    TRL's loop runs the policy through its module-level `forward` and keeps
+    `output.logits[:, prompt_width - 1:-1]`: the LM head also runs over every prompt position,
+    and under autograd that [batch, sequence, vocabulary] tensor and the zero-filled gradient
+    of its slice are the largest tensors of a PPO update. `ResponseLogitsHooks` have the head run
+    from the last prompt position on (transformers' `logits_to_keep`) and hand TRL this object in
+    place of `output.logits`: indexing it with that one slice gives the same values. Any other
+    use raises, so a TRL that reads the logits differently fails at once instead of training on
+    the wrong positions.
+    """
+
+    def __init__(self, logits: torch.Tensor, prompt_width: int) -> None:
+        self.logits, self.prompt_width = logits, prompt_width  # at positions prompt_width - 1 to the one before last
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if key != (slice(None), slice(self.prompt_width - 1, -1)):
+            raise TypeError(f"TRL's PPO loop indexed the policy's logits with {key}; this project computes them "
+                            f"at response positions only and supports [:, {self.prompt_width - 1}:-1] alone "
+                            f"(trl < 1.13).")
+        return self.logits
+
+
+class RolloutScores:
+    """The generation scores of a rollout as TRL's loop reads them: chunk by chunk, each once.
+
+    TRL's `batch_generation` returns the scores of every generated token, [rollouts, response
+    length, vocabulary], and its loop holds them through all PPO epochs although it reads them
+    once, `scores[start:start + chunk_size]` for each rollout chunk, for the rollout's
+    log-probs. Here each chunk is dropped as it is handed out; any other index raises.
+    """
+
+    def __init__(self, chunks: list[torch.Tensor], chunk_size: int) -> None:
+        self.chunks: list[torch.Tensor | None] = list(chunks)
+        self.chunk_size = chunk_size
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        whole_chunk = (isinstance(key, slice) and isinstance(key.start, int) and key.step is None
+                       and key.stop == key.start + self.chunk_size and key.start % self.chunk_size == 0)
+        index = key.start // self.chunk_size if whole_chunk else len(self.chunks)
+        if index >= len(self.chunks) or self.chunks[index] is None:
+            raise TypeError(f"TRL's PPO loop indexed the rollout's generation scores with {key}; this project hands "
+                            f"out each chunk of {self.chunk_size} rollouts once (trl < 1.13).")
+        chunk, self.chunks[index] = self.chunks[index], None
+        return chunk
+
+
+def generation_by_chunks(model: torch.nn.Module, queries: torch.Tensor, chunk_size: int, pad_token_id: int,
+                         generation_config: GenerationConfig) -> tuple[torch.Tensor, RolloutScores]:
+    """TRL's `batch_generation`, its scores handed back as `RolloutScores` (same values, chunk by chunk)."""
+    chunks = [batch_generation(model, queries[start:start + chunk_size], chunk_size, pad_token_id, generation_config)
+              for start in range(0, queries.shape[0], chunk_size)]
+    # every chunk right-padded to the longest, as TRL pads them (pad token; zero scores)
+    length = max(part.shape[1] for part, _ in chunks)
+    query_responses = torch.cat([torch.nn.functional.pad(part, (0, length - part.shape[1]), value=pad_token_id)
+                                 for part, _ in chunks])
+    scores = [torch.nn.functional.pad(chunk_scores, (0, 0, 0, length - part.shape[1])) for part, chunk_scores in chunks]
+    return query_responses, RolloutScores(scores, chunk_size)
+
+
+class ResponseLogitsHooks:
+    """Hooks on a policy: inside `active(prompt_width)` its LM head runs from the last prompt position on.
+
+    The policy's output then carries `ResponseLogits`; outside, and for a model whose forward
+    takes no `logits_to_keep`, it is left alone.
+    """
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        self.prompt_width: int | None = None
+        causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        if "logits_to_keep" in inspect.signature(causal_lm.forward).parameters:
+            policy.register_forward_pre_hook(self._keep_response_positions, with_kwargs=True)
+            policy.register_forward_hook(self._wrap_logits)
+
+    @contextlib.contextmanager
+    def active(self, prompt_width: int) -> Iterator[None]:
+        self.prompt_width = prompt_width
+        try:
+            yield
+        finally:
+            self.prompt_width = None
+
+    def _keep_response_positions(self, module: torch.nn.Module, args: tuple,
+                                 kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.prompt_width is None:
+            return None
+        # Positions prompt_width - 1 (it predicts the first response token) to the one before last;
+        # exactly those, so that no slice of the logits (and no zero-filled gradient) is left to take.
+        input_ids = kwargs["input_ids"]
+        positions = torch.arange(self.prompt_width - 1, input_ids.shape[1] - 1, device=input_ids.device)
+        return args, {**kwargs, "logits_to_keep": positions}
+
+    def _wrap_logits(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if self.prompt_width is None:
+            return None
+        output.logits = ResponseLogits(output.logits, self.prompt_width)
+        return output
 
 
 class AdapterOffReward(torch.nn.Module):
@@ -111,6 +213,7 @@ class PromptBatches:
         self.global_batch = local_batch_size * world_size
         self.per_epoch = len(dataset) // self.global_batch
         self.position = position  # batches handed out so far, over all epochs
+        self.prompt_width = 0  # columns of the prompts handed out last (TRL's context_length)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, first = divmod(self.position, self.per_epoch)
@@ -118,7 +221,9 @@ class PromptBatches:
         for index in range(first, self.per_epoch):
             start = index * self.global_batch + self.rank * self.local
             self.position += 1
-            yield self.collate([self.dataset[i] for i in order[start:start + self.local]])
+            batch = self.collate([self.dataset[i] for i in order[start:start + self.local]])
+            self.prompt_width = batch["input_ids"].shape[1]
+            yield batch
 
 
 class ContinueRun(TrainerCallback):
@@ -181,6 +286,8 @@ class PolicyTrainer(PPOTrainer):
       W&B (rank 0) and to output_dir/samples.jsonl, drawn with the random generators set aside.
     - the whole loop runs under the accelerator's autocast (mixed precision with frozen weights
       in bf16/fp16 and trained ones in fp32).
+    - the policy's LM head runs at response positions only where TRL's loop takes its logits
+      (`ResponseLogits`), and the generation scores are dropped once read (`RolloutScores`).
     - optimizer parameter groups that are empty (e.g. no bias/norm weight trains under LoRA)
       are dropped before the LR scheduler is built: DeepSpeed drops them in place, which
       would leave TRL's scheduler with more learning rates than groups.
@@ -207,6 +314,7 @@ class PolicyTrainer(PPOTrainer):
             self.args.num_total_batches -= done  # TRL's loop counts the updates still to run
         self.dataloader = PromptBatches(self.train_dataset, self.data_collator, self.args.local_batch_size, rank,
                                         world, self.args.seed, position=done)
+        self.response_logits = ResponseLogitsHooks(self.policy_model)  # on while TRL's `forward` runs, see `train`
 
     def _restore(self, checkpoint: Path, world_size: int) -> int:
         """Optimizer and scheduler state of `checkpoint`; the number of updates it had done."""
@@ -252,8 +360,30 @@ class PolicyTrainer(PPOTrainer):
         # TRL scores rollouts (generate, reward, value) outside the accelerator's autocast; with
         # --bf16/--fp16 our frozen weights are in that dtype and trained ones (LoRA, value head)
         # in fp32, so the whole loop runs under it (a no-op in fp32).
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._lean_rollouts():
             return super().train()
+
+    @contextlib.contextmanager
+    def _lean_rollouts(self) -> Iterator[None]:
+        """While TRL's loop runs, two module-level helpers it calls keep less in memory.
+
+        - `forward`, where TRL takes the policy's logits (the reference log-probs of a rollout,
+          every PPO micro-batch): the policy computes them at response positions only
+          (`ResponseLogits`). Generation and scoring do not go through it.
+        - `batch_generation`: the generation scores come back as `RolloutScores`, each chunk
+          dropped once the rollout has read it instead of kept through every PPO epoch.
+        """
+        trl_forward, trl_batch_generation = trl_ppo.forward, trl_ppo.batch_generation
+
+        def forward(model: torch.nn.Module, query_responses: torch.Tensor, pad_token_id: int) -> Any:
+            with self.response_logits.active(self.dataloader.prompt_width):
+                return trl_forward(model, query_responses, pad_token_id)
+
+        trl_ppo.forward, trl_ppo.batch_generation = forward, generation_by_chunks
+        try:
+            yield
+        finally:
+            trl_ppo.forward, trl_ppo.batch_generation = trl_forward, trl_batch_generation
 
     def create_optimizer(self):
         optimizer = super().create_optimizer()

@@ -146,6 +146,78 @@ def test_reward_is_the_value_model_with_its_adapter_off(sft_and_rm):
     assert (values - rm_scores).abs().max() > 1e-2  # the value model itself did move
 
 
+def test_response_logits_equal_the_whole_sequence_slice_in_value_and_gradient(tiny_model):
+    """TRL's loop takes `forward(...).logits[:, prompt_width - 1:-1]`; with the hooks on, the LM head runs at those
+    positions only and gives the same log-probs and the same LoRA gradients. Outside `active`, and for generation,
+    the policy is untouched; any other index of the logits raises."""
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import selective_log_softmax
+
+    from stages.ppo_trainer import ResponseLogits, ResponseLogitsHooks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    hooks = ResponseLogitsHooks(policy)
+    prompts = tokenizer(["Is the river blue?", "Is the old stone bridge green or red?"], padding=True,
+                        padding_side="left", return_tensors="pt").input_ids
+    width = prompts.shape[1]
+    query_responses = torch.cat([prompts, torch.randint(10, 200, (2, 6))], 1)
+    query_responses[0, -2:] = tokenizer.pad_token_id  # a response that ended early
+    responses = query_responses[:, width:]
+
+    def log_probs_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        policy.zero_grad()
+        logits = trl_ppo.forward(policy, query_responses, tokenizer.pad_token_id).logits[:, width - 1:-1]
+        logits /= 0.7  # as TRL does, in place
+        log_probs = selective_log_softmax(logits, responses)
+        log_probs.sum().backward()
+        return log_probs.detach(), [p.grad.clone() for p in policy.parameters() if p.requires_grad]
+
+    whole, whole_grads = log_probs_and_grads()
+    with hooks.active(width):
+        output = trl_ppo.forward(policy, query_responses, tokenizer.pad_token_id)
+        assert isinstance(output.logits, ResponseLogits) and output.logits.logits.shape[1] == responses.shape[1]
+        with pytest.raises(TypeError, match="supports"):
+            output.logits[:, width:]
+        response_only, response_grads = log_probs_and_grads()
+    torch.testing.assert_close(response_only, whole, rtol=0, atol=1e-5)
+    assert len(response_grads) > 4 and all(g.abs().max() > 0 for g in whole_grads)
+    for got, expected in zip(response_grads, whole_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # outside `active` the hooks do nothing
+        assert isinstance(policy(input_ids=query_responses).logits, torch.Tensor)
+
+
+def test_rollout_scores_are_trls_and_each_chunk_is_handed_out_once(tiny_model):
+    """`generation_by_chunks` samples what TRL's `batch_generation` samples from the same seed (responses and
+    scores, chunk by chunk, the last chunk short); TRL's loop reads each chunk once, so a chunk is gone after it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from trl.experimental.ppo.ppo_trainer import batch_generation
+
+    from stages.ppo_trainer import generation_by_chunks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    queries = tokenizer(["Is the river blue?", "Is the lamp red?", "Is the old stone bridge green?", "Is it?",
+                         "Is the garden green?"], padding=True, padding_side="left", return_tensors="pt").input_ids
+    config = GenerationConfig(max_new_tokens=5, temperature=0.7, top_k=0, top_p=1.0, do_sample=True)
+    torch.manual_seed(3)
+    expected_responses, expected_scores = batch_generation(model, queries, 2, tokenizer.pad_token_id, config)
+    torch.manual_seed(3)
+    responses, scores = generation_by_chunks(model, queries, 2, tokenizer.pad_token_id, config)
+    assert torch.equal(responses, expected_responses)
+    for start in range(0, 5, 2):
+        torch.testing.assert_close(scores[start:start + 2], expected_scores[start:start + 2], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="once"):
+        scores[0:2]
+    with pytest.raises(TypeError, match="once"):
+        generation_by_chunks(model, queries, 2, tokenizer.pad_token_id, config)[1][1:3]
+
+
 def test_full_tuning_trains_beside_a_frozen_reference_and_reward(sft_and_rm, yes_no_data, tmp_path):
     """Full tuning cannot disable an adapter: the reference and the reward model are frozen copies
     (TRL's default), and the policy is saved as a whole model."""
@@ -200,8 +272,8 @@ def poisoned_forward(model, query_responses, pad_token_id):  # rollouts run with
     output = forward(model, query_responses, pad_token_id)
     if torch.is_grad_enabled():
         calls[0] += 1
-        if calls[0] == int(os.environ["POISON_CALL"]):
-            output[0].logits = output[0].logits * float("nan")
+        if calls[0] == int(os.environ["POISON_CALL"]):  # (policy output, values): the values turn NaN
+            output = output[0], output[1] * float("nan")
     return output
 
 
