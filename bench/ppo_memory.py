@@ -247,9 +247,9 @@ def main() -> None:
               f"{(r['step_peak'] - r['after_imports']) / mib:>16.0f}{r['process_peak'] / mib:>14.0f}")
     ours, trl = results["ours"], results["trl"]
     step = {side: r["step_peak"] - r["after_imports"] for side, r in results.items()}
-    print(f"ratio ours / TRL default: step peak {ours['step_peak'] / trl['step_peak']:.2f}, "
-          f"step - imports {step['ours'] / step['trl']:.2f}, "
-          f"process peak {ours['process_peak'] / trl['process_peak']:.2f} (target <= 0.6)")
+    print(f"ratio ours / TRL default: step peak {ours['step_peak'] / trl['step_peak']:.3f}, "
+          f"step - imports {step['ours'] / step['trl']:.3f}, "
+          f"process peak {ours['process_peak'] / trl['process_peak']:.3f} (target <= 0.6)")
 
 
 if __name__ == "__main__":

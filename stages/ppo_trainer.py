@@ -154,9 +154,11 @@ class ResponseLogitsHooks:
             return None
         # Positions prompt_width - 1 (it predicts the first response token) to the one before last;
         # exactly those, so that no slice of the logits (and no zero-filled gradient) is left to take.
+        # TRL asks for the hidden states too and never reads the policy's: without them, the output
+        # it keeps until the end of a mini-batch holds no layer's activations.
         input_ids = kwargs["input_ids"]
         positions = torch.arange(self.prompt_width - 1, input_ids.shape[1] - 1, device=input_ids.device)
-        return args, {**kwargs, "logits_to_keep": positions}
+        return args, {**kwargs, "logits_to_keep": positions, "output_hidden_states": False}
 
     def _wrap_logits(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         if self.prompt_width is None:
