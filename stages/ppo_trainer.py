@@ -362,11 +362,11 @@ class PolicyTrainer(PPOTrainer):
         # TRL scores rollouts (generate, reward, value) outside the accelerator's autocast; with
         # --bf16/--fp16 our frozen weights are in that dtype and trained ones (LoRA, value head)
         # in fp32, so the whole loop runs under it (a no-op in fp32).
-        with self.accelerator.autocast(), self._lean_rollouts():
+        with self.accelerator.autocast(), self._lean_loop_helpers():
             return super().train()
 
     @contextlib.contextmanager
-    def _lean_rollouts(self) -> Iterator[None]:
+    def _lean_loop_helpers(self) -> Iterator[None]:
         """While TRL's loop runs, two module-level helpers it calls keep less in memory.
 
         - `forward`, where TRL takes the policy's logits (the reference log-probs of a rollout,
