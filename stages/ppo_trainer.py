@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.experimental.ppo import PPOTrainer
-from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
+from trl.experimental.ppo.ppo_trainer import batch_generation, generate, truncate_response
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
@@ -113,16 +113,22 @@ class RolloutScores:
         return chunk
 
 
+@torch.no_grad()
 def generation_by_chunks(model: torch.nn.Module, queries: torch.Tensor, chunk_size: int, pad_token_id: int,
                          generation_config: GenerationConfig) -> tuple[torch.Tensor, RolloutScores]:
-    """TRL's `batch_generation`, its scores handed back as `RolloutScores` (same values, chunk by chunk)."""
-    chunks = [batch_generation(model, queries[start:start + chunk_size], chunk_size, pad_token_id, generation_config)
+    """TRL's `batch_generation`, its scores handed back as `RolloutScores` (same values, chunk by chunk).
+
+    Each chunk goes through TRL's `generate`, as in `batch_generation`, and its scores are kept as
+    generated: only a chunk shorter than the longest is copied, right-padded as TRL pads them
+    (pad token; zero scores).
+    """
+    chunks = [generate(model, queries[start:start + chunk_size], pad_token_id, generation_config)
               for start in range(0, queries.shape[0], chunk_size)]
-    # every chunk right-padded to the longest, as TRL pads them (pad token; zero scores)
     length = max(part.shape[1] for part, _ in chunks)
     query_responses = torch.cat([torch.nn.functional.pad(part, (0, length - part.shape[1]), value=pad_token_id)
                                  for part, _ in chunks])
-    scores = [torch.nn.functional.pad(chunk_scores, (0, 0, 0, length - part.shape[1])) for part, chunk_scores in chunks]
+    scores = [chunk_scores if part.shape[1] == length else
+              torch.nn.functional.pad(chunk_scores, (0, 0, 0, length - part.shape[1])) for part, chunk_scores in chunks]
     return query_responses, RolloutScores(scores, chunk_size)
 
 

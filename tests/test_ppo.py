@@ -19,6 +19,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,6 +217,24 @@ def test_rollout_scores_are_trls_and_each_chunk_is_handed_out_once(tiny_model):
         scores[0:2]
     with pytest.raises(TypeError, match="once"):
         generation_by_chunks(model, queries, 2, tokenizer.pad_token_id, config)[1][1:3]
+
+    class StopsEarlyOnOddChunks:  # chunks whose generation stops early: padded as TRL pads them
+        calls = 0
+
+        def generate(self, input_ids, generation_config, **kwargs):
+            self.calls += 1
+            new = 2 if self.calls % 2 else 4
+            scores = tuple(torch.randn(len(input_ids), 7) for _ in range(new))
+            return SimpleNamespace(sequences=torch.cat([input_ids, torch.randint(4, 7, (len(input_ids), new))], 1),
+                                   scores=scores)
+
+    torch.manual_seed(5)
+    expected_responses, expected_scores = batch_generation(StopsEarlyOnOddChunks(), queries, 2, 0, config)
+    torch.manual_seed(5)
+    responses, scores = generation_by_chunks(StopsEarlyOnOddChunks(), queries, 2, 0, config)
+    assert torch.equal(responses, expected_responses) and expected_scores.shape[1] == 4
+    for start in range(0, 5, 2):
+        torch.testing.assert_close(scores[start:start + 2], expected_scores[start:start + 2], rtol=0, atol=0)
 
 
 def test_full_tuning_trains_beside_a_frozen_reference_and_reward(sft_and_rm, yes_no_data, tmp_path):
