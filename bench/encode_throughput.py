@@ -20,10 +20,15 @@ Warm-up, untimed: the batched sides run the whole set once on a GPU (each batch 
 its kernels once) and four passages on a CPU (no per-shape kernel choice there: code paths and
 allocator only), the peft sides one passage; then the set is timed end to end. "passages/s"
 = passages / wall seconds; "tokens/s" counts the real (unpadded) tokens trained on. The
-check column is the largest |difference| of the side's LoRA weights to the peft fp32
-side's: float rounding for the fp32 sides (the original's padding, mathematically a no-op,
-moves the weights by as much as batching does: Adam's normalisation magnifies rounding
-where a gradient is near zero), bf16 rounding for the bf16 sides.
+GFLOP/s column is the model FLOPs each side does per second on real tokens (4 x the linear
+layers' parameters per token: forward and input gradients of the frozen layers), and "% peak"
+sets it against this CPU's best matrix product in the side's dtype (bench/sft_throughput.py's
+`matmul_peak`): where the sequential loop already runs near that peak, no batching can beat it
+by much, since both sides do the same products. The check column is the largest
+|difference| of the side's LoRA weights to the peft fp32 side's: float rounding for the fp32
+sides (the original's padding, mathematically a no-op, moves the weights by as much as
+batching does: Adam's normalisation magnifies rounding where a gradient is near zero), bf16
+rounding for the bf16 sides.
 
 Loading 64 LoRAs for one batch: the bank (`LoraBank.load`, shards memory-mapped; cold = a
 fresh LoraBank including its sha256 check of the shards, warm = handles cached) against 64
@@ -58,6 +63,7 @@ from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
 from dyprag.encode import (  # noqa: E402
     EncodeConfig, default_max_batch_tokens, encode_batch, init_lora, passage_texts, plan_batches)
 from dyprag.lora import LoraSpec, module_shapes, save_peft_adapter, target_module_names  # noqa: E402
+from bench.sft_throughput import linear_params, matmul_peak  # noqa: E402
 
 SPEC = LoraSpec()
 
@@ -169,6 +175,9 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
     init = init_lora(fp32, SPEC, seed=42)
     init_dir = save_peft_adapter(init, 0, SPEC, str(model_dir), work / "init")
     tokens = [sum(len(t) - 1 for t in passage) for passage in texts]
+    # Model FLOPs per trained token: the frozen linear layers' forward (2N) and their input
+    # gradients (2N; frozen weights get none). LoRA's own products and attention scores are left out.
+    flops_per_token = 4 * linear_params(model_dir)
     print(f"model {model_dir} ({sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters), "
           f"{len(texts)} passages from {source}, {sum(map(len, texts))} texts, {sum(tokens)} tokens, "
           f"device {args.device}, threads {torch.get_num_threads()}", flush=True)
@@ -196,6 +205,7 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
             reference = states
         rows.append({"side": name, "passages": count, "seconds": seconds, "passages_per_s": count / seconds,
                      "tokens_per_s": sum(tokens[:count]) / seconds,
+                     "model_flops_per_s": flops_per_token * sum(tokens[:count]) / seconds,
                      "max_diff_to_peft_fp32": max_difference(states, reference[:count]) if reference else None})
         print(f"  {name}: {count} passages in {seconds:.1f} s", flush=True)
     return rows
@@ -279,13 +289,23 @@ def main() -> None:
     work = Path(args.work_dir)
     model_dir = build_model(work / args.preset, args.preset) / "model"
 
+    # Each side against the best matrix product of its own dtype on this CPU (none on an accelerator),
+    # measured before and after the encoding: on a shared host one measurement can read half the peak.
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: matmul_peak(dtypes[name]) for name in args.dtypes.split(",")} if args.device == "cpu" else {}
     encoding = bench_encoding(args, model_dir, work)
+    peaks = {name: max(peak, matmul_peak(dtypes[name])) for name, peak in peaks.items()}
     print(f"\n{'encoding side':34} {'passages':>8} {'seconds':>8} {'passages/s':>10} {'tokens/s':>9} "
-          f"{'max|dW| vs peft':>15}")
+          f"{'GFLOP/s':>8} {'% peak':>6} {'max|dW| vs peft':>15}")
     for row in encoding:
         diff = "-" if row["max_diff_to_peft_fp32"] is None else f"{row['max_diff_to_peft_fp32']:.1e}"
+        peak = peaks.get("bf16" if row["side"].endswith("bf16") else "fp32")
+        share = f"{100 * row['model_flops_per_s'] / peak:6.1f}" if peak else f"{'-':>6}"
         print(f"{row['side']:34} {row['passages']:8d} {row['seconds']:8.1f} {row['passages_per_s']:10.3f} "
-              f"{row['tokens_per_s']:9.0f} {diff:>15}")
+              f"{row['tokens_per_s']:9.0f} {row['model_flops_per_s'] / 1e9:8.1f} {share} {diff:>15}")
+    if peaks:
+        print("  % peak: model FLOP/s (4 x linear parameters x tokens/s) over this CPU's matmul peak in the side's "
+              f"dtype, {', '.join(f'{d} {p / 1e9:.0f}' for d, p in peaks.items())} GFLOP/s (bench/sft_throughput.py)")
     rate = {row["side"]: row["passages_per_s"] for row in encoding}
     for ours in ("batched fp32", "batched bf16"):
         for theirs in ("peft fp32", "peft bf16", "original (peft, fp32, pad 3000)"):

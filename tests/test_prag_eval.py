@@ -21,7 +21,13 @@ Standard RAG is run and printed but not asserted: reading a value out of a passa
 is a skill the tiny model does not acquire in a test's budget. Measured while choosing these
 settings (EM on these 54 questions, gold passage in context): ~0-5 %, the same as vanilla,
 after 150-300 sft steps here, and still after 1500 steps on 30 worlds or 600 steps of the demo
-preset; it answers with a value of the right kind (a year, a colour), not the passage's.
+preset; it answers with a value of the right kind (a year, a colour), not the passage's. With
+the loss on the answer only and half the rows' passages cut to the one sentence that holds the
+answer, RAG reaches 18.5 % against vanilla's 1.9 % after 1500 steps of batch 32 (~8 min on one
+core; 9 % after 4000 steps of batch 8; tying the embeddings did not help). The fixture's
+tokenizer knows the held-out names and years as single tokens, and 46 of the 66 tokens of these
+answers occur in no training text; but another world's questions, whose names split into pieces
+the training texts contain, were read no better (14.8 % after the same 1500 steps).
 """
 
 from __future__ import annotations
