@@ -8,9 +8,11 @@ line and status 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,17 +25,30 @@ class RunStopped(Exception):
     """Training stopped on purpose (e.g. a non-finite loss); printed as one line, exit status 1."""
 
 
-def _close_process_group() -> None:
-    """Destroy this rank's process group at the end of a successful multi-rank run.
+def _finish_multi_rank_run() -> None:
+    """End a successful multi-rank run: destroy this rank's process group, then exit at once.
 
-    A rank that is done (e.g. not rank 0, which still writes the outputs) otherwise exits with
-    its process group alive, and tearing that down at interpreter exit can abort the process
-    ("terminate called without an active exception", exit -6), which fails the whole launch.
-    Worlds of one are left alone: a stage run in-process (tests, benchmarks) keeps its group.
+    A rank that is done (e.g. not rank 0, which still writes the outputs) otherwise goes through
+    interpreter finalization while its peers still talk to it, and the process group's native
+    threads can then abort the process ("terminate called without an active exception", exit
+    -6), which fails the whole launch after a good run. Destroying the group first made this
+    rare, not impossible (2 of ~25 two-rank launches of one suite run). So after the group is
+    gone the rank runs the exit handlers Python would run (W&B's finish, logging, temporary
+    folders) and leaves with os._exit(0), skipping the finalization where the abort happens.
+    Worlds of one are left alone (a stage run in-process keeps its group), and so is a process
+    with a non-daemon thread still running, which the interpreter has to wait for.
     """
     distributed = sys.modules.get("torch.distributed")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and distributed is not None and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or distributed is None or not distributed.is_initialized():
+        return
+    distributed.destroy_process_group()
+    if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
+           for thread in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], None]:
@@ -45,7 +60,7 @@ def main_guard(entrypoint: Callable[[list[str] | None], object]) -> Callable[[li
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             entrypoint(argv)
-            _close_process_group()
+            _finish_multi_rank_run()
         except UserError as err:
             # Under the DeepSpeed launcher every rank usually hits the same validation error:
             # rank 0 prints it at once and exits, and the launcher then kills the others. A
