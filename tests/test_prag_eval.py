@@ -23,7 +23,7 @@ settings (EM on these 54 questions, gold passage in context): ~0-5 %, the same a
 after 150-300 sft steps here, and still after 1500 steps on 30 worlds or 600 steps of the demo
 preset; it answers with a value of the right kind (a year, a colour), not the passage's. With
 the loss on the answer only and half the rows' passages cut to the one sentence that holds the
-answer, RAG reaches 18.5 % against vanilla's 1.9 % after 1500 steps of batch 32 (~8 min on one
+answer, RAG reaches 18.5 % against vanilla's 1.9 % after 1500 steps of batch 32 (~9 min on one
 core; 9 % after 4000 steps of batch 8; tying the embeddings did not help). The fixture's
 tokenizer knows the held-out names and years as single tokens, and 46 of the 66 tokens of these
 answers occur in no training text; but another world's questions, whose names split into pieces

@@ -108,6 +108,52 @@ def test_one_rank_failing_stops_the_job_in_bounded_time(tiny_model, demo_data, t
     assert elapsed < 180, elapsed
 
 
+FINISHING_RANK = '''
+import atexit
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch.distributed as dist
+
+from stages.errors import main_guard
+
+out = Path(sys.argv[1])
+worker_done = threading.Event()
+
+
+def entrypoint(argv):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    os.environ["WORLD_SIZE"] = "2"  # what the launcher sets on every rank of a two-rank job
+    atexit.register(lambda: (out / "exit_handler_ran").write_text(str(dist.is_initialized())))
+    if sys.argv[2] == "busy":  # a non-daemon thread still working: the interpreter must wait for it
+        threading.Thread(target=worker_done.wait).start()
+
+
+main_guard(entrypoint)()
+(out / "returned").write_text("")  # reached only where the rank does not leave at once
+worker_done.set()
+'''
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_finished_rank_leaves_without_interpreter_teardown(busy, tmp_path):
+    """A rank whose run succeeded destroys its process group, runs the exit handlers and leaves with
+    status 0 before the interpreter tears down (where the process group's threads could abort it);
+    with a non-daemon thread still running it returns normally instead."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "finishing_rank.py"
+    script.write_text(FINISHING_RANK)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "busy" if busy else "idle"],
+                            capture_output=True, text=True, timeout=120, env=stage_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "exit_handler_ran").read_text() == "False"  # the group was gone before the handlers ran
+    assert (tmp_path / "returned").exists() == busy
+
+
 KILL_DURING_SAVE = '''
 import os
 import signal
