@@ -249,6 +249,14 @@ def check_optim_installed(training_args: Any) -> None:
             raise UserError(f"--optim {optim}: {str(err).strip().splitlines()[0]}") from None
 
 
+def _cpu_has_fp16() -> bool:
+    """Whether DeepSpeed runs fp16 on this machine's CPU ranks (its CPU accelerator asks oneDNN: AVX512-FP16 or
+    AMX-FP16 CPUs have it); the engine refuses fp16 otherwise."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
     """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
 
@@ -290,9 +298,18 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
         # Without an accelerator, accelerate only counts the DeepSpeed ranks (gloo) when told
         # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
         values["use_cpu"] = not torch.accelerator.is_available()
-    if values.get("deepspeed") and values.get("use_cpu") and values.get("fp16"):
-        raise UserError("--fp16 under --deepspeed needs a GPU: DeepSpeed has no fp16 on CPU ranks; use --bf16 true "
-                        "or leave both off (fp32).")
+    if values.get("fp16") and stage in ("pt", "sft", "rm", "ppo") and values.get("deepspeed"):
+        from .deepspeed_utils import zero_stage
+
+        if zero_stage(values["deepspeed"]) == 0:
+            raise UserError(f"--fp16 with --deepspeed {values['deepspeed']} (ZeRO stage 0) would not train: "
+                            f"without ZeRO, deepspeed < 0.20 does not scale the loss for its fp16 optimizer yet "
+                            f"divides the gradients by the loss scale (65536 at first), so every update is that much "
+                            f"too small (DeepSpeed PR #8393); use a ZeRO-1/2/3 config (ds_configs/zero2.json) or "
+                            f"--bf16 true.")
+    if values.get("deepspeed") and values.get("use_cpu") and values.get("fp16") and not _cpu_has_fp16():
+        raise UserError("--fp16 under --deepspeed needs a GPU or a CPU with fp16 support (DeepSpeed refuses fp16 on "
+                        "these CPU ranks); use --bf16 true or leave both off (fp32).")
     outputs = []
     for dtype in dataclass_types:
         names = {f.name for f in fields(dtype) if f.init}
