@@ -121,14 +121,34 @@ def _trained(module: Any) -> list[tuple[str, Any]]:
     return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
 
 
-def _fp32_copies(optimizer: Any) -> dict[int, Any]:
-    # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) steps an fp32 copy of each
-    # parameter, by id of the parameter; {} for every other optimizer (the parameter is its own master).
-    wrapper = _wrapper_with(optimizer, "fp32_groups")
-    if wrapper is None:
+def _masters(optimizer: Any) -> dict[int, tuple[Any, int | None]]:
+    """By id of each trained parameter without ZeRO: the fp32 tensor the torch optimizer steps for it (its
+    state is keyed by that tensor) and the parameter's offset in it (None: the tensor is the parameter's own).
+
+    DeepSpeed's bf16/fp16 optimizers without ZeRO keep fp32 masters: FP16_UnfusedOptimizer one copy per
+    parameter, FP16_Optimizer (the wrapper of FusedAdam, a DeepSpeed config's "optimizer") one flat tensor
+    per group, the parameters laid end to end in group order. Every other optimizer steps the parameters
+    themselves: {}.
+    """
+    fused = _wrapper_with(optimizer, "fp32_groups_flat")
+    if fused is not None:
+        masters: dict[int, tuple[Any, int | None]] = {}
+        for params, flat in zip(fused.fp16_groups, fused.fp32_groups_flat):
+            offset = 0
+            for param in params:
+                masters[id(param)] = (flat, offset)
+                offset += param.numel()
+        return masters
+    unfused = _wrapper_with(optimizer, "fp32_groups")
+    if unfused is None:
         return {}
-    return {id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+    return {id(low): (high, None) for lows, highs in zip(unfused.fp16_groups, unfused.fp32_groups)
             for low, high in zip(lows, highs)}
+
+
+def _part(tensor: Any, offset: int | None, param: Any) -> Any:
+    # The parameter's part of a master-shaped tensor (a view: writing to it writes the master's state).
+    return tensor if offset is None else tensor.narrow(0, offset, param.numel()).view_as(param)
 
 
 def unsupported_optimizer(optimizer: Any) -> str | None:
@@ -137,8 +157,6 @@ def unsupported_optimizer(optimizer: Any) -> str | None:
     Call it after the first step (the state is created then). Supported: state made of tensors with one
     value per element of the parameter, a "step" count and None entries (SGD without momentum).
     """
-    if _wrapper_with(optimizer, "fp32_groups_flat") is not None:  # FusedAdam's fp16/bf16 wrapper without ZeRO
-        return "DeepSpeed's fused fp16/bf16 optimizer"
     base = _torch_optimizer(optimizer)
     for param, state in base.state.items():
         for key, value in state.items():
@@ -173,9 +191,10 @@ def gather_weights(module: Any, optimizer: Any) -> dict[str, Any]:
     """Every trained parameter's fp32 (master) value, whole. All ranks must call it."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    copies = _fp32_copies(optimizer)
+    masters = _masters(optimizer)
     return {name: safe_get_full_fp32_param(param) if _is_partitioned(param)
-            else copies.get(id(param), param).detach().float() for name, param in _trained(module)}
+            else _part(*masters.get(id(param), (param, None)), param).detach().float()
+            for name, param in _trained(module)}
 
 
 def restore_weights(module: Any, optimizer: Any, weights: dict[str, Any]) -> None:
@@ -189,7 +208,7 @@ def restore_weights(module: Any, optimizer: Any, weights: dict[str, Any]) -> Non
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param
 
-    copies = _fp32_copies(optimizer)
+    masters = _masters(optimizer)
     with torch.no_grad():
         for name, param in _trained(module):
             value = weights[name].to(param.device)
@@ -197,8 +216,8 @@ def restore_weights(module: Any, optimizer: Any, weights: dict[str, Any]) -> Non
                 param.data.copy_(value.view_as(param.data).to(param.dtype))
             if _is_partitioned(param):
                 safe_set_full_fp32_param(param, value)
-            elif id(param) in copies:
-                copies[id(param)].copy_(value.view_as(param.data))
+            elif id(param) in masters:
+                _part(*masters[id(param)], param).copy_(value.view_as(param.data))
 
 
 def _link_zero_state(optimizer: Any) -> None:
@@ -219,11 +238,17 @@ def gather_optimizer_state(module: Any, optimizer: Any) -> dict[str, Any]:
     """Every trained parameter's optimizer state, whole ("<name>.exp_avg", ...), after at least one step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    state, copies = _torch_optimizer(optimizer).state, _fp32_copies(optimizer)
+    state, masters = _torch_optimizer(optimizer).state, _masters(optimizer)
     keys = _state_keys(optimizer)
     _link_zero_state(optimizer)
-    return {f"{name}.{key}": safe_get_full_optimizer_state(param, key) if _is_partitioned(param)
-            else state[copies.get(id(param), param)][key] for name, param in _trained(module) for key in keys}
+
+    def whole(param: Any, key: str) -> Any:
+        if _is_partitioned(param):
+            return safe_get_full_optimizer_state(param, key)
+        master, offset = masters.get(id(param), (param, None))
+        return _part(state[master][key], offset, param)
+
+    return {f"{name}.{key}": whole(param, key) for name, param in _trained(module) for key in keys}
 
 
 def restore_optimizer_state(module: Any, optimizer: Any, saved: dict[str, Any], step: int | None) -> None:
@@ -256,19 +281,55 @@ def restore_optimizer_state(module: Any, optimizer: Any, saved: dict[str, Any], 
     _link_zero_state(optimizer)
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    copies = _fp32_copies(optimizer)
+    masters = _masters(optimizer)
     for name, param in trained:
+        master, offset = masters.get(id(param), (param, None))
         for key in keys:
             value = saved[f"{name}.{key}"].to(param.device)
             if partitioned:
                 safe_set_full_optimizer_state(param, value, key)
             else:
-                base.state[copies.get(id(param), param)][key].copy_(value.view_as(param))
+                _part(base.state[master][key], offset, param).copy_(value.view_as(param))
+
+
+# What a dynamic loss scaler changes as it runs (the rest is its configuration). ZeRO's optimizers keep a
+# (Dynamic)LossScaler as .loss_scaler, FP16_(Unfused)Optimizer a LossScaleConfig as .loss_scale_config.
+_LOSS_SCALE_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(optimizer: Any) -> Any:
+    for attribute in ("loss_scaler", "loss_scale_config"):
+        wrapper = _wrapper_with(optimizer, attribute)
+        if wrapper is not None:
+            return getattr(wrapper, attribute)
+    return None
+
+
+def loss_scale_state(optimizer: Any) -> dict[str, Any] | None:
+    """The state of DeepSpeed's loss scaler (fp16: the scale, when it last overflowed, ...), or None without one.
+
+    A resumed fp16 run that started again from the initial scale would skip other steps than the
+    interrupted one (each overflow skips a step), so its weights would differ.
+    """
+    scaler = _loss_scaler(optimizer)
+    if scaler is None:
+        return None
+    values = {key: getattr(scaler, key) for key in _LOSS_SCALE_STATE if hasattr(scaler, key)}
+    return {key: value.item() if hasattr(value, "item") else value for key, value in values.items()}
+
+
+def restore_loss_scale(optimizer: Any, state: dict[str, Any] | None) -> None:
+    """Put what `loss_scale_state` returned back into a fresh run's loss scaler."""
+    scaler = _loss_scaler(optimizer)
+    if scaler is not None and state:
+        for key, value in state.items():
+            setattr(scaler, key, value)
 
 
 def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
     """Put a saved LR scheduler state back, and its learning rates into the optimizer's groups
     (the scheduler's state alone leaves them at their initial values until its next step)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper (a DeepSpeed config "optimizer")
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr

@@ -29,8 +29,8 @@ from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
 from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import (gather_optimizer_state, gather_weights, optimizer_step, restore_optimizer_state,
-                              restore_scheduler)
+from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
+                              restore_loss_scale, restore_optimizer_state, restore_scheduler)
 from .errors import RunStopped, UserError
 from .loader import gathered_if_zero3
 
@@ -336,6 +336,7 @@ class PolicyTrainer(PPOTrainer):
         wrapper = self.accelerator.unwrap_model(self.model)
         restore_optimizer_state(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)),
                                 state["optimizer_step"])
+        restore_loss_scale(self.optimizer, state.get("loss_scale"))
         restore_scheduler(self.lr_scheduler, state["scheduler"])
         logger.info("resuming from %s after update %d", checkpoint, state["updates"])
         return state["updates"]
@@ -480,6 +481,7 @@ class PolicyTrainer(PPOTrainer):
             for tensors, file in ((weights, WEIGHTS_FILE), (optimizer_state, OPTIMIZER_FILE)):
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(staging / file))
             ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
+                         "loss_scale": loss_scale_state(self.optimizer),
                          "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,
                          "local_batch_size": self.args.local_batch_size,
                          "total_updates": self.state.max_steps}

@@ -188,13 +188,14 @@ class StageTrainer(Trainer):
         return None
 
     def _save_deepspeed_state(self, folder: Path) -> None:
-        """Trained fp32 masters, their optimizer state, the step count and the scheduler. All ranks gather."""
-        from .deepspeed_utils import gather_optimizer_state, gather_weights, optimizer_step, unsupported_optimizer
+        """Trained fp32 masters, their optimizer state, the step count, the loss scale and the scheduler. All ranks
+        gather."""
+        from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
+                                      unsupported_optimizer)
 
-        # Not covered, so kept in the engine's own (pickled) checkpoint: fp16 (its loss scale is state
-        # too), optimizers whose state is not per element (Adafactor's factored moments) and DeepSpeed's
-        # fused mixed-precision optimizer.
-        unsupported = "fp16" if self.args.fp16 else unsupported_optimizer(self.optimizer)
+        # Not covered, so kept in the engine's own (pickled) checkpoint: optimizers whose state is not
+        # per element (Adafactor's factored moments).
+        unsupported = unsupported_optimizer(self.optimizer)
         if unsupported:
             logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format", unsupported)
             return super()._save_optimizer_and_scheduler(str(folder))
@@ -205,7 +206,8 @@ class StageTrainer(Trainer):
                       str(folder / TRAINED_WEIGHTS))
             save_file({name: tensor.float().contiguous().cpu() for name, tensor in state.items()},
                       str(folder / OPTIMIZER_TENSORS))
-            (folder / OPTIMIZER_JSON).write_text(json.dumps({"step": optimizer_step(self.optimizer)}),
+            (folder / OPTIMIZER_JSON).write_text(json.dumps({"step": optimizer_step(self.optimizer),
+                                                             "loss_scale": loss_scale_state(self.optimizer)}),
                                                  encoding="utf-8")
             (folder / SCHEDULER_JSON).write_text(json.dumps(self.lr_scheduler.state_dict()), encoding="utf-8")
 
@@ -220,11 +222,13 @@ class StageTrainer(Trainer):
 
     def _load_deepspeed_state(self, checkpoint: Path) -> None:
         """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks)."""
-        from .deepspeed_utils import restore_optimizer_state, restore_scheduler
+        from .deepspeed_utils import restore_loss_scale, restore_optimizer_state, restore_scheduler
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        step = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))["step"]
-        restore_optimizer_state(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)), step)
+        optimizer = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))
+        restore_optimizer_state(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)),
+                                optimizer["step"])
+        restore_loss_scale(self.optimizer, optimizer.get("loss_scale"))
         restore_scheduler(self.lr_scheduler, json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
 
     def _save_scaler(self, output_dir: str) -> None:

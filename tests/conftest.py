@@ -85,6 +85,36 @@ def real_data(tmp_path_factory) -> Path:
     return out
 
 
+# A sitecustomize (test_reliability.pythonpath_with_hook) that lets DeepSpeed run fp16 on CPU ranks whose
+# CPU has no fp16 kernels. DeepSpeed's CPU accelerator reports fp16 only where oneDNN has them (AVX512-FP16
+# or AMX-FP16 CPUs) and the engine refuses fp16 otherwise; torch computes fp16 on any CPU, only slower. With
+# it the fp16 paths of GPU runs (loss scaling, fp32 masters, their checkpoints) run here; nothing else
+# changes: the accelerator class is patched when its module is first imported.
+FP16_ON_CPU = """
+import importlib.abc
+import importlib.util
+import sys
+
+
+class CpuFp16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "deepspeed.accelerator.cpu_accelerator":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            module.CPU_Accelerator.is_fp16_supported = lambda self: True
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, CpuFp16())
+"""
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, launch, remove_shared_memory_left, run_stage, stage_env
+from conftest import FP16_ON_CPU, ROOT, free_port, launch, remove_shared_memory_left, run_stage, stage_env
+from test_reliability import pythonpath_with_hook
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +222,53 @@ def test_pt_two_ranks_with_eval_resumes_from_its_checkpoint(tiny_model, demo_dat
     resumed = tmp_path / "resumed"
     launch("pt", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-2", nproc=2,
            DS_CONFIG=str(ROOT / "ds_configs" / f"{zero}.json"))
+    _assert_resumed_like_whole(out, resumed)
+
+
+@pytest.mark.parametrize("zero, precision", [("zero2", "fp16"), ("zero0", "bf16")])
+def test_pt_two_ranks_mixed_precision_state_resumes(tiny_model, demo_data, tmp_path, zero, precision):
+    """What DeepSpeed keeps beside the half-precision weights is saved whole, without pickles, and a resumed
+    run ends with the uninterrupted run's weights.
+
+    - fp16 under ZeRO-2 (made available on these CPU ranks by conftest.FP16_ON_CPU): the dynamic loss scale.
+      The initial scale 2^20 overflows the first steps' gradients, and each overflow halves it and skips
+      the step, so checkpoint-2 holds a smaller scale than the initial one: a resumed run that started
+      again from 2^20 would skip other steps than the uninterrupted run and end with other weights.
+    - bf16 without ZeRO, with DeepSpeed's own AdamW (a config "optimizer": FusedAdam): FP16_Optimizer keeps
+      one flat fp32 master per parameter group and the Adam state flat; checkpoints split them per weight.
+    """
+    from safetensors.torch import load_file
+
+    from stages.callbacks import read_log
+
+    config = json.loads((ROOT / "ds_configs" / f"{zero}.json").read_text())
+    if precision == "fp16":
+        config["fp16"] = {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 20, "hysteresis": 1,
+                          "loss_scale_window": 1000, "min_loss_scale": 1}
+    else:
+        config["optimizer"] = {"type": "AdamW", "params": dict.fromkeys(("lr", "betas", "eps", "weight_decay"), "auto")}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    env = {"DS_CONFIG": str(tmp_path / "ds.json"), "PYTHONPATH": pythonpath_with_hook(tmp_path, FP16_ON_CPU)}
+    out = tmp_path / "pt"
+    args = ["--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
+            "--max_samples", "64", "--cutoff_len", "64", "--do_train", "--max_steps", "8", "--save_steps", "2",
+            "--learning_rate", "1e-3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--report_to", "none", "--finetuning_type", "full", f"--{precision}", "true"]
+    launch("pt", *args, "--output_dir", out, nproc=2, **env)
+
+    # Checkpoints hold the fp32 masters, not the half-precision weights (fp16: steps 3-4 were taken).
+    weights = load_file(out / "checkpoint-4" / "trained_weights.safetensors")
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, w.to(half).float()) for w in weights.values())
+    if precision == "fp16":  # steps were skipped (infinite gradient norm) before checkpoint-2 and taken after it
+        norms = [r["grad_norm"] for r in read_log(out) if "grad_norm" in r]
+        assert len(norms) == 8 and not math.isfinite(norms[0]) and any(map(math.isfinite, norms[2:])), norms
+        saved = json.loads((out / "checkpoint-2" / "optimizer.json").read_text())
+        assert saved["loss_scale"]["cur_scale"] < 2 ** 20, saved
+
+    resumed = tmp_path / "resumed"
+    launch("pt", *args, "--output_dir", resumed, "--resume_from_checkpoint", out / "checkpoint-2", nproc=2, **env)
     _assert_resumed_like_whole(out, resumed)
 
 

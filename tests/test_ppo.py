@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, launch, run_stage, stage_env
+from conftest import FP16_ON_CPU, ROOT, launch, run_stage, stage_env
 from test_reliability import pythonpath_with_hook
 
 QUESTIONS = "river city clock tower blue green red castle bridge garden lamp stone mountain".split()
@@ -499,3 +499,29 @@ def test_ppo_zero3_two_ranks_saves_and_resumes(tiny_model, yes_no_data, chain_sf
     launch("ppo", *ppo_args, "--output_dir", resumed, "--resume_from_checkpoint", "last", **env)
     _assert_same_tensors(ppo, resumed, ("adapter_model.safetensors", "checkpoint-3/trained_weights.safetensors",
                                         "checkpoint-3/optimizer.safetensors"))
+
+
+@pytest.mark.slow
+def test_ppo_fp16_resumes_with_its_loss_scale(tiny_model, yes_no_data, chain_sft_rm, tmp_path):
+    """ppo in fp16 under ZeRO-2 (made available on these CPU ranks by conftest.FP16_ON_CPU): its checkpoints
+    hold DeepSpeed's dynamic loss scale. From 2^18 the first updates overflow (each halves the scale and is
+    skipped) and later ones step, so a run resumed from checkpoint-3 that started again from 2^18 would skip
+    other updates than the uninterrupted run and end with other weights."""
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["fp16"] = {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 18, "hysteresis": 1,
+                      "loss_scale_window": 1000, "min_loss_scale": 1}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    env = {**_chain_env(tmp_path), "DS_CONFIG": str(tmp_path / "ds.json"),
+           "PYTHONPATH": pythonpath_with_hook(tmp_path, FP16_ON_CPU)}
+    ppo, resumed = tmp_path / "ppo", tmp_path / "ppo_resumed"
+    ppo_args = [*_chain_ppo_args(tiny_model, yes_no_data, chain_sft_rm), "--fp16", "true", "--max_steps", "6",
+                "--save_steps", "3"]
+    launch("ppo", *ppo_args, "--output_dir", ppo, **env)
+    middle, last = (json.loads((ppo / f"checkpoint-{n}" / "ppo_state.json").read_text()) for n in (3, 6))
+    assert middle["loss_scale"]["cur_scale"] < 2 ** 18, middle
+    assert (last["optimizer_step"] or 0) > (middle["optimizer_step"] or 0), (middle, last)
+
+    shutil.copytree(ppo / "checkpoint-3", resumed / "checkpoint-3")
+    launch("ppo", *ppo_args, "--output_dir", resumed, "--resume_from_checkpoint", "last", **env)
+    _assert_same_tensors(ppo, resumed, ("adapter_model.safetensors", "checkpoint-6/trained_weights.safetensors",
+                                        "checkpoint-6/optimizer.safetensors"))
