@@ -30,7 +30,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
 from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
-                              restore_loss_scale, restore_optimizer_state, restore_scheduler)
+                              restore_loss_scale, restore_optimizer_state, restore_scheduler, restore_weights)
 from .errors import RunStopped, UserError
 from .loader import gathered_if_zero3
 
@@ -325,7 +325,7 @@ class PolicyTrainer(PPOTrainer):
         self.response_logits = ResponseLogitsHooks(self.policy_model)  # on while TRL's `forward` runs, see `train`
 
     def _restore(self, checkpoint: Path, world_size: int) -> int:
-        """Optimizer and scheduler state of `checkpoint`; the number of updates it had done."""
+        """Trained fp32 weights, optimizer and scheduler state of `checkpoint`; the number of updates it had done."""
         state = check_checkpoint(checkpoint, world_size)
         shape = {"world_size": world_size, "local_batch_size": self.args.local_batch_size,
                  "total_updates": self.args.num_total_batches}
@@ -334,6 +334,9 @@ class PolicyTrainer(PPOTrainer):
                             f"({ {key: state[key] for key in shape} }, this one: {shape}); resume with the same ranks, "
                             f"batch sizes and run length.")
         wrapper = self.accelerator.unwrap_model(self.model)
+        # With --bf16/--fp16 DeepSpeed built its fp32 master from the weights cast to that dtype: the
+        # saved fp32 values go into the master again (else the next steps start from rounded weights).
+        restore_weights(wrapper, self.optimizer, load_file(str(checkpoint / WEIGHTS_FILE)))
         restore_optimizer_state(wrapper, self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)),
                                 state["optimizer_step"])
         restore_loss_scale(self.optimizer, state.get("loss_scale"))
