@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,32 @@ def unsupported_optim(training_args: Any) -> str | None:
     param.grad = torch.ones_like(param)
     optimizer.step()
     return unsupported_optimizer(optimizer)
+
+
+@contextlib.contextmanager
+def _torch_optimizer_with_params(optimizer: Any) -> Iterator[Any]:
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only for the length of a step (and of
+    # its own state_dict); the same here. Other wrappers leave them in place.
+    zero3 = _wrapper_with(optimizer, "_set_fp32_optimizer_param_groups")
+    if zero3 is not None:
+        zero3._set_fp32_optimizer_param_groups()
+    try:
+        yield _torch_optimizer(optimizer)
+    finally:
+        if zero3 is not None:
+            zero3._clear_fp32_optimizer_param_groups()
+
+
+def rank_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's torch optimizer's state_dict, over this rank's (ZeRO) partitions."""
+    with _torch_optimizer_with_params(optimizer) as inner:
+        return inner.state_dict()
+
+
+def load_rank_optimizer_state(optimizer: Any, state_dict: dict[str, Any]) -> None:
+    """Put what `rank_optimizer_state` returned back, on a run with the same ranks and ZeRO stage."""
+    with _torch_optimizer_with_params(optimizer) as inner:
+        inner.load_state_dict(state_dict)
 
 
 def gather_weights(module: Any, optimizer: Any) -> dict[str, Any]:

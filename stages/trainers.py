@@ -30,12 +30,13 @@ logger = logging.getLogger(__name__)
 # What a checkpoint holds besides the weights, as safetensors + JSON (Trainer's own files are pickles).
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_JSON, SCALER_JSON, RNG_FILE = "scheduler.json", "scaler.json", "rng_state_{rank}.safetensors"
-# Under DeepSpeed: every trained tensor's fp32 master, whole (the saved model may be bf16; ZeRO splits the master).
-TRAINED_WEIGHTS = "trained_weights.safetensors"
+# Under DeepSpeed: every trained tensor's fp32 master, whole (the saved model may be bf16; ZeRO splits the master);
+# the optimizer state of each rank, where it is not one value per weight element (optimizer_state_to_files).
+TRAINED_WEIGHTS, RANK_OPTIMIZER = "trained_weights.safetensors", "optimizer_rank{rank}"
 
 
-def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path) -> None:
-    """A torch optimizer's state_dict as tensors (safetensors, "<param index>.<key>") + the rest (JSON)."""
+def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = "optimizer") -> None:
+    """A torch optimizer's state_dict as tensors (STEM.safetensors, "<param index>.<key>") + the rest (STEM.json)."""
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for key, value in values.items():
@@ -43,16 +44,16 @@ def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path) -> None:
                 tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
-    (folder / OPTIMIZER_JSON).write_text(json.dumps({"state": scalars, "param_groups": state_dict["param_groups"]}),
+    save_file(tensors, str(folder / f"{stem}.safetensors"))
+    (folder / f"{stem}.json").write_text(json.dumps({"state": scalars, "param_groups": state_dict["param_groups"]}),
                                          encoding="utf-8")
 
 
-def optimizer_state_from_files(folder: Path) -> dict[str, Any]:
+def optimizer_state_from_files(folder: Path, stem: str = "optimizer") -> dict[str, Any]:
     """The state_dict `optimizer_state_to_files` wrote."""
-    saved = json.loads((folder / OPTIMIZER_JSON).read_text(encoding="utf-8"))
+    saved = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in saved["state"].items()}
-    for name, tensor in load_file(str(folder / OPTIMIZER_TENSORS)).items():
+    for name, tensor in load_file(str(folder / f"{stem}.safetensors")).items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = tensor
     return {"state": state, "param_groups": saved["param_groups"]}
@@ -189,26 +190,33 @@ class StageTrainer(Trainer):
 
     def _save_deepspeed_state(self, folder: Path) -> None:
         """Trained fp32 masters, their optimizer state, the step count, the loss scale and the scheduler. All ranks
-        gather."""
-        from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
-                                      unsupported_optimizer)
+        gather.
 
-        # Not covered, so kept in the engine's own (pickled) checkpoint: optimizers whose state is not
-        # per element (Adafactor's factored moments).
-        unsupported = unsupported_optimizer(self.optimizer)
-        if unsupported:
-            logger.warning("DeepSpeed with %s: checkpoint written in DeepSpeed's own format", unsupported)
-            return super()._save_optimizer_and_scheduler(str(folder))
+        An optimizer whose state is not one value per weight element (Adafactor's factored moments, 8-bit
+        states with their block scales) cannot be gathered per weight: each rank writes its torch optimizer's
+        state as it holds it (safetensors + JSON), and the checkpoint resumes on as many ranks only.
+        """
+        from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
+                                      rank_optimizer_state, unsupported_optimizer)
+
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        weights, state = gather_weights(model, self.optimizer), gather_optimizer_state(model, self.optimizer)
+        weights = gather_weights(model, self.optimizer)
+        per_rank = unsupported_optimizer(self.optimizer) is not None
+        if per_rank:
+            folder.mkdir(parents=True, exist_ok=True)  # a rank may get here before rank 0 made the folder
+            optimizer_state_to_files(rank_optimizer_state(self.optimizer), folder,
+                                     RANK_OPTIMIZER.format(rank=self.args.process_index))
+        else:
+            state = gather_optimizer_state(model, self.optimizer)
         if self.args.should_save:
             save_file({name: tensor.contiguous().cpu() for name, tensor in weights.items()},
                       str(folder / TRAINED_WEIGHTS))
-            save_file({name: tensor.float().contiguous().cpu() for name, tensor in state.items()},
-                      str(folder / OPTIMIZER_TENSORS))
-            (folder / OPTIMIZER_JSON).write_text(json.dumps({"step": optimizer_step(self.optimizer),
-                                                             "loss_scale": loss_scale_state(self.optimizer)}),
-                                                 encoding="utf-8")
+            if not per_rank:
+                save_file({name: tensor.float().contiguous().cpu() for name, tensor in state.items()},
+                          str(folder / OPTIMIZER_TENSORS))
+            saved = {"step": optimizer_step(self.optimizer), "loss_scale": loss_scale_state(self.optimizer),
+                     "per_rank_world_size": self.args.world_size if per_rank else None}
+            (folder / OPTIMIZER_JSON).write_text(json.dumps(saved), encoding="utf-8")
             (folder / SCHEDULER_JSON).write_text(json.dumps(self.lr_scheduler.state_dict()), encoding="utf-8")
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -221,13 +229,24 @@ class StageTrainer(Trainer):
         self.lr_scheduler.load_state_dict(json.loads(Path(checkpoint, SCHEDULER_JSON).read_text(encoding="utf-8")))
 
     def _load_deepspeed_state(self, checkpoint: Path) -> None:
-        """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks)."""
-        from .deepspeed_utils import restore_loss_scale, restore_optimizer_state, restore_scheduler
+        """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks, or as many as
+        wrote it where each rank saved its own optimizer state)."""
+        from .deepspeed_utils import (load_rank_optimizer_state, restore_loss_scale, restore_optimizer_state,
+                                      restore_scheduler)
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
         optimizer = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))
-        restore_optimizer_state(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)),
-                                optimizer["step"])
+        world_size = optimizer.get("per_rank_world_size")
+        if world_size is None:
+            restore_optimizer_state(model, self.optimizer, load_file(str(checkpoint / OPTIMIZER_TENSORS)),
+                                    optimizer["step"])
+        elif world_size != self.args.world_size:
+            raise UserError(f"--resume_from_checkpoint {checkpoint} holds the optimizer state of each of "
+                            f"{world_size} ranks (its optimizer's state is not one value per weight); resume on "
+                            f"{world_size} ranks with the same DeepSpeed config.")
+        else:
+            load_rank_optimizer_state(self.optimizer, optimizer_state_from_files(
+                checkpoint, RANK_OPTIMIZER.format(rank=self.args.process_index)))
         restore_loss_scale(self.optimizer, optimizer.get("loss_scale"))
         restore_scheduler(self.lr_scheduler, json.loads((checkpoint / SCHEDULER_JSON).read_text(encoding="utf-8")))
 
