@@ -36,14 +36,26 @@ TRAINED_WEIGHTS, RANK_OPTIMIZER = "trained_weights.safetensors", "optimizer_rank
 
 
 def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = "optimizer") -> None:
-    """A torch optimizer's state_dict as tensors (STEM.safetensors, "<param index>.<key>") + the rest (STEM.json)."""
-    tensors, scalars = {}, {}
-    for index, values in state_dict["state"].items():
+    """A torch optimizer's state_dict as tensors (STEM.safetensors) + the rest (STEM.json).
+
+    A tensor is named by its parameter index and key path, "<index>.<key>", or "<index>.<key>/<subkey>"
+    in the dicts some optimizers nest (bitsandbytes keeps its 8-bit state and block scales in one).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(values: dict[str, Any], name: str) -> dict[str, Any]:
+        # The non-tensor part of `values` (nested dicts kept), its tensors put into `tensors`.
+        rest = {}
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}{key}"] = value.detach().contiguous().cpu()
+            elif isinstance(value, dict):
+                rest[key] = split(value, f"{name}{key}/")
             else:
-                scalars.setdefault(str(index), {})[key] = value
+                rest[key] = value
+        return rest
+
+    scalars = {str(index): split(values, f"{index}.") for index, values in state_dict["state"].items()}
     save_file(tensors, str(folder / f"{stem}.safetensors"))
     (folder / f"{stem}.json").write_text(json.dumps({"state": scalars, "param_groups": state_dict["param_groups"]}),
                                          encoding="utf-8")
@@ -52,10 +64,14 @@ def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str
 def optimizer_state_from_files(folder: Path, stem: str = "optimizer") -> dict[str, Any]:
     """The state_dict `optimizer_state_to_files` wrote."""
     saved = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
-    state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in saved["state"].items()}
+    state: dict[int, dict[str, Any]] = {int(index): values for index, values in saved["state"].items()}
     for name, tensor in load_file(str(folder / f"{stem}.safetensors")).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        index, path = name.split(".", 1)
+        *parents, key = path.split("/")
+        values = state.setdefault(int(index), {})
+        for parent in parents:
+            values = values.setdefault(parent, {})
+        values[key] = tensor
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
