@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def pythonpath_with_hook(tmp_path, source: str) -> str:
 
 FAIL_ON_RANK_1 = '''
 import os
+import signal
 
 if os.environ.get("RANK") == "1":  # this file is a sitecustomize: it runs first in every process
     import transformers
@@ -81,6 +83,8 @@ if os.environ.get("RANK") == "1":  # this file is a sitecustomize: it runs first
 
     def failing_step(self, *args, **kwargs):
         if self.state.global_step >= 2:
+            if os.environ["FAILURE"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure on rank 1")
         return step(self, *args, **kwargs)
 
@@ -128,8 +132,10 @@ def test_optimizer_state_goes_through_safetensors_and_json(optim, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_rank_failing_stops_the_job_in_bounded_time(tiny_model, demo_data, tmp_path):
-    """Rank 1 raises at step 3; rank 0 then waits in a collective: the launcher must end both."""
+@pytest.mark.parametrize("failure", ["raise", "kill"])
+def test_one_rank_failing_stops_the_job_in_bounded_time(failure, tiny_model, demo_data, tmp_path):
+    """Rank 1 raises, or is killed (SIGKILL), at step 3; rank 0 then waits in a collective: the launcher must
+    end both, and say which rank failed and why."""
     import time
 
     from conftest import launch
@@ -138,10 +144,14 @@ def test_one_rank_failing_stops_the_job_in_bounded_time(tiny_model, demo_data, t
     result = launch("sft", "--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
                     "--output_dir", tmp_path / "run", "--do_train", "--max_steps", "200", "--save_steps", "1000",
                     "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--report_to", "none", check=False,
-                    timeout=600, PYTHONPATH=pythonpath_with_hook(tmp_path, FAIL_ON_RANK_1))
+                    timeout=600, PYTHONPATH=pythonpath_with_hook(tmp_path, FAIL_ON_RANK_1), FAILURE=failure)
     elapsed = time.monotonic() - start
+    output = result.stderr + result.stdout
     assert result.returncode != 0
-    assert "rank 1 failed: RuntimeError: injected failure on rank 1" in result.stderr + result.stdout
+    if failure == "raise":
+        assert "rank 1 failed: RuntimeError: injected failure on rank 1" in output
+    else:  # no last words: the launcher's line names the rank's command (--local_rank=1) and the signal
+        assert re.search(r"--local_rank=1'.*\] exits with return code = -9", output), output[-3000:]
     # Start-up (two ranks importing torch/transformers/deepspeed) takes most of it; a hang would
     # last until the collective's 30-minute timeout.
     assert elapsed < 180, elapsed
