@@ -154,7 +154,7 @@ def _part(tensor: Any, offset: int | None, param: Any) -> Any:
 
 
 def unsupported_optimizer(optimizer: Any) -> str | None:
-    """Why this optimizer's state cannot be saved as whole tensors (then the engine's own format is kept), or None.
+    """Why this optimizer's state cannot be saved as whole tensors (then each rank saves its own), or None.
 
     Call it after the first step (the state is created then). Supported: state made of tensors with one
     value per element of the parameter, a "step" count and None entries (SGD without momentum).
