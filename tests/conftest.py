@@ -115,6 +115,7 @@ class CpuFp16(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, CpuFp16())
 """
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
