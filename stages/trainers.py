@@ -28,14 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 # What a checkpoint holds besides the weights, as safetensors + JSON (Trainer's own files are pickles).
-OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
+# The optimizer's files are STEM.safetensors + STEM.json (optimizer_state_to_files).
+OPTIMIZER = "optimizer"
+OPTIMIZER_TENSORS, OPTIMIZER_JSON = f"{OPTIMIZER}.safetensors", f"{OPTIMIZER}.json"
 SCHEDULER_JSON, SCALER_JSON, RNG_FILE = "scheduler.json", "scaler.json", "rng_state_{rank}.safetensors"
 # Under DeepSpeed: every trained tensor's fp32 master, whole (the saved model may be bf16; ZeRO splits the master);
 # the optimizer state of each rank, where it is not one value per weight element (optimizer_state_to_files).
-TRAINED_WEIGHTS, RANK_OPTIMIZER = "trained_weights.safetensors", "optimizer_rank{rank}"
+TRAINED_WEIGHTS, RANK_OPTIMIZER = "trained_weights.safetensors", OPTIMIZER + "_rank{rank}"
 
 
-def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = "optimizer") -> None:
+def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = OPTIMIZER) -> None:
     """A torch optimizer's state_dict as tensors (STEM.safetensors) + the rest (STEM.json).
 
     A tensor is named by its parameter index and key path, "<index>.<key>", or "<index>.<key>/<subkey>"
@@ -61,7 +63,7 @@ def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str
                                          encoding="utf-8")
 
 
-def optimizer_state_from_files(folder: Path, stem: str = "optimizer") -> dict[str, Any]:
+def optimizer_state_from_files(folder: Path, stem: str = OPTIMIZER) -> dict[str, Any]:
     """The state_dict `optimizer_state_to_files` wrote."""
     saved = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {int(index): values for index, values in saved["state"].items()}
