@@ -5,7 +5,8 @@ preprocessing knows exactly which tokens are prompt (no loss) and which are resp
 (loss). Two kinds exist behind one interface:
 - named templates (default, alpaca, vicuna, chatml, llama3, empty): format strings;
 - `auto`: the tokenizer's own Jinja chat template, rendered turn by turn; the rendering
-  must grow by appending (true for the usual chat templates), which is checked.
+  must grow by appending (true for the usual chat templates), which is checked. An answer
+  ends with the eos that closes it (text the template adds after it goes to the next turn).
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ class ChatTemplate:
             if not (prompt_text.startswith(rendered) and response_text.startswith(prompt_text)):
                 raise UserError("the tokenizer's chat template does not render conversations by appending turns, "
                                 "so prompt and answer tokens cannot be told apart; use a named --template.")
-            pairs.append((_ids(tokenizer, prompt_text[len(rendered):]),
-                          _ids(tokenizer, response_text[len(prompt_text):])))
-            rendered = response_text
+            answer = response_text[len(prompt_text):]
+            # What a template writes after the eos that closes an answer (ChatML's newline) is never
+            # generated (generation stops at the eos): it opens the next turn, or ends the text unlearnt.
+            end = answer.rfind(tokenizer.eos_token) if tokenizer.eos_token else -1
+            if end >= 0:
+                answer = answer[:end + len(tokenizer.eos_token)]
+            pairs.append((_ids(tokenizer, prompt_text[len(rendered):]), _ids(tokenizer, answer)))
+            rendered = prompt_text + answer
         return pairs
 
 
