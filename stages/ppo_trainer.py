@@ -21,7 +21,7 @@ import torch
 import trl.experimental.ppo.ppo_trainer as trl_ppo
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, TrainerCallback
+from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import batch_generation, generate, truncate_response
@@ -130,6 +130,39 @@ def generation_by_chunks(model: torch.nn.Module, queries: torch.Tensor, chunk_si
     scores = [chunk_scores if part.shape[1] == length else
               torch.nn.functional.pad(chunk_scores, (0, 0, 0, length - part.shape[1])) for part, chunk_scores in chunks]
     return query_responses, RolloutScores(scores, chunk_size)
+
+
+def rollout_pad_token(tokenizer: PreTrainedTokenizerBase, prompt_sets: list[Any]) -> str | None:
+    """The pad token of TRL's rollouts where the tokenizer pads with its eos; None where it pads with another token.
+
+    TRL tells padding from tokens by the pad id alone. With pad == eos (SmolLM2, Qwen, ...) it would mask
+    every eos inside a prompt (the `<|im_end|>` closing each ChatML turn) out of attention, and take the eos
+    that ends an answer for padding: its log-prob would leave the loss, so the policy would never learn to
+    end an answer. The rollouts pad instead with a special token (unk first) that is not eos and that no
+    prompt holds; `prompt_sets` are the datasets of prompts (an `input_ids` column each; None is skipped).
+    """
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    used = {token for prompts in prompt_sets if prompts is not None for row in prompts["input_ids"] for token in row}
+    candidates = [tokenizer.unk_token, *tokenizer.all_special_tokens]
+    for token in candidates:
+        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        if token_id is not None and token_id != tokenizer.eos_token_id and token_id not in used:
+            return token
+    raise UserError(f"the tokenizer pads with its eos token {tokenizer.eos_token!r} and every other special token "
+                    f"occurs in the prompts, so PPO's rollouts cannot tell padding from tokens; give the tokenizer "
+                    f"a pad token of its own (tokenizer_config.json) in --model_name_or_path.")
+
+
+def score_positions(query_responses: torch.Tensor, lengths: torch.Tensor, skipped_id: int) -> torch.Tensor:
+    """Where the reward model scores each rollout: at `lengths` (TRL's last real token), one earlier where that
+    token is `skipped_id`.
+
+    The rm pools at the last token that is not its pad id; with pad == eos that is the last token before the
+    eos closing the answer, and the rollouts are scored at the same place.
+    """
+    rows = torch.arange(query_responses.shape[0], device=query_responses.device)
+    return lengths - (query_responses[rows, lengths] == skipped_id).long()
 
 
 class ResponseLogitsHooks:
@@ -299,6 +332,9 @@ class PolicyTrainer(PPOTrainer):
     - optimizer parameter groups that are empty (e.g. no bias/norm weight trains under LoRA)
       are dropped before the LR scheduler is built: DeepSpeed drops them in place, which
       would leave TRL's scheduler with more learning rates than groups.
+    - a tokenizer that pads with its eos pads the rollouts with another token (`rollout_pad_token`),
+      and the reward is taken where the rm pools (`score_positions`); the policy is saved with the
+      tokenizer as given.
     """
 
     def __init__(self, *args: Any, top_k: int = 0, top_p: float = 1.0, sample_steps: int = 0,
@@ -306,7 +342,15 @@ class PolicyTrainer(PPOTrainer):
         checkpoint = Path(resume_from) if resume_from else None
         if checkpoint is not None:  # before DeepSpeed builds its fp32 master from the modules
             load_trained_weights(checkpoint, kwargs["model"], kwargs["value_model"])
+        tokenizer = kwargs["processing_class"]
+        pad = rollout_pad_token(tokenizer, [kwargs["train_dataset"], kwargs.get("eval_dataset")])
+        if pad is not None:  # TRL's collator, generation and masks all take the pad from processing_class
+            kwargs["processing_class"] = copy.deepcopy(tokenizer)
+            kwargs["processing_class"].pad_token = pad
+            logger.info("rollouts pad with %s: the tokenizer pads with its eos", pad)
         super().__init__(*args, **kwargs)
+        self.saved_tokenizer = tokenizer
+        self.score_skipped_id = tokenizer.pad_token_id if pad is not None else None
         if top_k > 0 or top_p < 1.0:
             self.policy_model.generate = truncated_sampling(self.policy_model.generate, top_k, top_p)
         # TRL offers samples when (update - 1) % freq == 0, counting from the run's start: it offers
@@ -377,25 +421,44 @@ class PolicyTrainer(PPOTrainer):
 
     @contextlib.contextmanager
     def _lean_loop_helpers(self) -> Iterator[None]:
-        """While TRL's loop runs, two module-level helpers it calls keep less in memory.
+        """While TRL's loop runs, three module-level helpers it calls are replaced.
 
         - `forward`, where TRL takes the policy's logits (the reference log-probs of a rollout,
           every PPO micro-batch): the policy computes them at response positions only
           (`ResponseLogits`). Generation and scoring do not go through it.
         - `batch_generation`: the generation scores come back as `RolloutScores`, each chunk
           dropped once the rollout has read it instead of kept through every PPO epoch.
+        - `get_reward`: the reward model's score is taken where the rm pools (`_reward`).
         """
-        trl_forward, trl_batch_generation = trl_ppo.forward, trl_ppo.batch_generation
+        trl_forward, trl_batch_generation, trl_get_reward = (trl_ppo.forward, trl_ppo.batch_generation,
+                                                             trl_ppo.get_reward)
 
         def forward(model: torch.nn.Module, query_responses: torch.Tensor, pad_token_id: int) -> Any:
             with self.response_logits.active(self.dataloader.prompt_width):
                 return trl_forward(model, query_responses, pad_token_id)
 
-        trl_ppo.forward, trl_ppo.batch_generation = forward, generation_by_chunks
+        def reward_or_value(model: torch.nn.Module, query_responses: torch.Tensor, pad_token_id: int,
+                            context_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if model is self.reward_model:
+                return self._reward(query_responses, pad_token_id, context_length)
+            return trl_get_reward(model, query_responses, pad_token_id, context_length)
+
+        trl_ppo.forward, trl_ppo.batch_generation, trl_ppo.get_reward = forward, generation_by_chunks, reward_or_value
         try:
             yield
         finally:
-            trl_ppo.forward, trl_ppo.batch_generation = trl_forward, trl_batch_generation
+            trl_ppo.forward, trl_ppo.batch_generation, trl_ppo.get_reward = (trl_forward, trl_batch_generation,
+                                                                             trl_get_reward)
+
+    def _reward(self, query_responses: torch.Tensor, pad_token_id: int,
+                context_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TRL's `get_reward` of the reward model, the score taken where the rm pools (`score_positions`)."""
+        logits, scores, lengths = get_reward(self.reward_model, query_responses, pad_token_id, context_length)
+        if self.score_skipped_id is None:
+            return logits, scores, lengths
+        positions = score_positions(query_responses, lengths, self.score_skipped_id)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits, logits[rows, positions].squeeze(-1), positions
 
     def create_optimizer(self):
         optimizer = super().create_optimizer()
@@ -432,7 +495,7 @@ class PolicyTrainer(PPOTrainer):
             responses = query_responses[:, context_length:]
             if self.stop_token_id is not None:
                 responses = truncate_response(self.stop_token_id, pad_id, responses)
-            _, scores, _ = get_reward(self.reward_model, torch.cat((queries, responses), 1), pad_id, context_length)
+            _, scores, _ = self._reward(torch.cat((queries, responses), 1), pad_id, context_length)
         decode = self.processing_class.batch_decode
         rows = gather_object([list(row) for row in zip(decode(queries, skip_special_tokens=True),
                                                        decode(responses, skip_special_tokens=True),
@@ -462,7 +525,7 @@ class PolicyTrainer(PPOTrainer):
         prefix = "policy."
         policy.save_pretrained(output_dir, state_dict={key[len(prefix):]: value for key, value in state_dict.items()
                                                        if key.startswith(prefix)}, safe_serialization=True)
-        self.processing_class.save_pretrained(output_dir)
+        self.saved_tokenizer.save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         """checkpoint-N: the policy (as an sft output) and a resume's state, written aside, renamed whole."""
