@@ -260,7 +260,7 @@ def bench_loading(args, model_dir: Path, work: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default="/tmp/encode_bench", help="model build and scratch folder")
-    parser.add_argument("--preset", default="bench", choices=["tiny", "demo", "bench"], help="stages.embedded preset")
+    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.embedded preset")
     parser.add_argument("--passages", type=int, default=32, help="passages encoded by each side")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="texts: the real PRAG records (auto: when present) or the embedded demo_qa; the bench "

@@ -3,7 +3,8 @@
 Layout of a bank folder:
 
     index.json                 format, LoRA spec, base model, module shapes, per shard its
-                               sha256/bytes/passage count, per passage id [shard, row]
+                               sha256/bytes/passage count, per passage id [shard, row] (the
+                               ids of one text trained the same way share a row)
     shard-00000.safetensors    per targeted module "<path>.lora_A" [n, r, in] and
     shard-00001.safetensors    "<path>.lora_B" [n, out, r]: row i is the shard's i-th passage
     init/                      (written by the encode stage) the shared initial adapter, peft format
@@ -91,9 +92,10 @@ def check_shards(path: str | os.PathLike) -> None:
 class LoraBankWriter:
     """Append passages' LoRAs to a bank folder; `close()` (or leaving the `with` block) finishes it.
 
-    `add(passage_id, weights, index=0)` takes row `index` of stacked weights; rows are
-    buffered and written `shard_size` passages per shard. With `part`, this writer owns the
-    shards and index of one part (one rank); `merge_parts` builds the bank's index.json.
+    `add(passage_id, weights, index=0, aliases=())` takes row `index` of stacked weights, stored
+    once for the id and its aliases; rows are buffered and written `shard_size` per shard. With
+    `part`, this writer owns the shards and index of one part (one rank); `merge_parts` builds the
+    bank's index.json.
     An existing index of the same part is continued (resuming), never overwritten.
     """
 
@@ -114,16 +116,17 @@ class LoraBankWriter:
             self.index = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
                           "base_model_name_or_path": base_model_name_or_path, "dtype": None, "modules": None,
                           "shards": {}, "passages": {}}
-        self._buffer: list[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._buffer: list[tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
 
     @property
     def passage_ids(self) -> set[str]:
         """Ids already written (in finished shards) or buffered."""
-        return set(self.index["passages"]) | {pid for pid, _ in self._buffer}
+        return set(self.index["passages"]) | {pid for ids, _ in self._buffer for pid in ids}
 
-    def add(self, passage_id: str, weights: LoraWeights, index: int = 0) -> None:
-        if passage_id in self.passage_ids:
-            raise ValueError(f"passage {passage_id!r} is already in the bank")
+    def add(self, passage_id: str, weights: LoraWeights, index: int = 0, aliases: Sequence[str] = ()) -> None:
+        taken = [pid for pid in (passage_id, *aliases) if pid in self.passage_ids]
+        if taken or len({passage_id, *aliases}) != 1 + len(aliases):
+            raise ValueError(f"passage {(taken or [passage_id])[0]!r} is already in the bank")
         modules = {name: [a.shape[2], b.shape[1]] for name, (a, b) in weights.items()}
         if self.index["modules"] is None:
             self.index["modules"] = modules
@@ -134,7 +137,7 @@ class LoraBankWriter:
             raise ValueError(f"passage {passage_id!r} has rank {rank}, the bank {self.spec.rank}")
         row = {name: (a[index].detach().to("cpu", self.dtype or a.dtype).clone(),
                       b[index].detach().to("cpu", self.dtype or b.dtype).clone()) for name, (a, b) in weights.items()}
-        self._buffer.append((passage_id, row))
+        self._buffer.append(([passage_id, *aliases], row))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -149,7 +152,7 @@ class LoraBankWriter:
         while (self.path / name).exists():  # a stale shard of a killed run that never reached the index
             number += 1
             name = f"{self.prefix}-{number:05d}.safetensors"
-        ids = [pid for pid, _ in self._buffer]
+        ids = [ids[0] for ids, _ in self._buffer]
         tensors = {}
         for module in self.index["modules"]:
             tensors[f"{module}.lora_A"] = torch.stack([row[module][0] for _, row in self._buffer])
@@ -161,8 +164,9 @@ class LoraBankWriter:
         self.index["dtype"] = str(tensors[next(iter(tensors))].dtype).removeprefix("torch.")
         self.index["shards"][name] = {"sha256": digest, "bytes": (self.path / name).stat().st_size,
                                       "passages": len(ids)}
-        for row, pid in enumerate(ids):
-            self.index["passages"][pid] = [name, row]
+        for row, (aliases, _) in enumerate(self._buffer):
+            for pid in aliases:
+                self.index["passages"][pid] = [name, row]
         _write_json_atomic(self.index_path, self.index)
         self._buffer = []
 

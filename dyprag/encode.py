@@ -19,12 +19,20 @@ A passage without augmentation trains on its own text (and its rewrite when ther
 A passage whose loss becomes NaN/inf stops training there (no more rows, no more updates) and
 is reported in `EncodedBatch.finite`; its rows take no part in the backward pass, so the other
 passages of the batch train exactly as they would without it.
+
+Memory. A step's rows run as several forwards of at most `max_batch_tokens` padded tokens each
+(gradient accumulation: each passage's gradient is the sum over the forwards holding its rows,
+the same sum as one forward), and the loss never holds the [tokens, vocabulary] logits: the
+decoder's hidden states at the labelled positions go through the LM head and the cross-entropy a
+few hundred tokens at a time, each chunk's gradient with respect to its hidden states computed
+right there (`linear_cross_entropy`). What a forward keeps for the backward is then the
+decoder's activations, ~1.4 MB per token for a 30-layer, 576-wide model in fp32.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +58,19 @@ class EncodeConfig:
     max_batch_tokens: int = 16384  # padded tokens per forward; more rows run as gradient accumulation
 
 
+LOGITS_PER_CHUNK = 1 << 23  # logits [tokens, vocabulary] held at once by linear_cross_entropy (32 MiB in fp32)
+
+
 def default_max_batch_tokens(device: torch.device | str) -> int:
-    """Padded tokens per forward when none is given: 16384 on an accelerator; 4096 on a CPU, where
-    smaller forwards stay in cache (~1.6x faster on the real PRAG records)."""
-    return 4096 if torch.device(device).type == "cpu" else 16384
+    """Padded tokens per forward when none is given: 16384 on an accelerator; 1024 on a CPU, where
+    a forward's saved activations are what a rank's memory holds (~1.5 GB for SmolLM2-135M in fp32)
+    and smaller forwards run no slower (bench/encode_memory.py)."""
+    return 1024 if torch.device(device).type == "cpu" else 16384
+
+
+def training_tokens(texts: Sequence[Sequence[Text]], config: EncodeConfig) -> int:
+    """Predicted tokens `encode_batch` trains on for these passages (each text once per epoch)."""
+    return config.num_epochs * sum(len(text) - 1 for passage in texts for text in passage)
 
 
 def init_lora(model: nn.Module, spec: LoraSpec, seed: int = 42) -> LoraWeights:
@@ -134,6 +151,16 @@ class BatchedAdamW:
             param.grad = None
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What `encode_batch` tells its `on_step` callback after each optimizer step."""
+
+    step: int  # 1-based
+    steps: int  # steps of the batch: its longest passage's (the batch ends sooner if every passage diverged)
+    finished: int  # passages of the batch done: all their steps run, or diverged
+    tokens: int  # predicted tokens trained on in this step (sums to `training_tokens` over a finite batch)
+
+
 @dataclass
 class EncodedBatch:
     weights: LoraWeights  # [P, r, in] / [P, out, r], fp32, detached
@@ -141,12 +168,75 @@ class EncodedBatch:
     finite: torch.Tensor  # [P] bool: the loss stayed finite; the other rows of `weights` must not be used
 
 
-def _row_losses(model: nn.Module, rows: list[Text], pad_token_id: int, device: torch.device) -> torch.Tensor:
-    """Sum of next-token losses of each row.
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `head(hidden)`, never holding more than a chunk of the logits.
+
+    The forward runs the head and the loss over chunks of tokens and keeps, per token, the
+    gradient of its loss with respect to its hidden state, (softmax - onehot) pushed back through
+    the head (autograd of the head alone: any module works, its weights stay frozen). The backward
+    scales that by the incoming per-token gradient: no recompute, and a [tokens, hidden] tensor
+    where the plain loss keeps [tokens, vocabulary] logits, their log-softmax and its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,  # type: ignore[override]
+                chunk: int) -> torch.Tensor:
+        losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        with torch.enable_grad():
+            for start in range(0, len(targets), chunk):
+                part = hidden[start:start + chunk].detach().requires_grad_()
+                out = head(part)
+                logits = out.detach().float()  # the loss in fp32, as HF's (its linear backward never reads `out`)
+                target = targets[start:start + chunk]
+                norm = logits.logsumexp(dim=-1)
+                losses[start:start + chunk] = norm - logits.gather(1, target[:, None]).squeeze(1)
+                probs = logits.sub_(norm[:, None]).exp_()  # softmax, in place
+                probs.scatter_add_(1, target[:, None], probs.new_full((len(target), 1), -1.0))
+                grad[start:start + chunk] = torch.autograd.grad(out, part, probs.to(out.dtype))[0]
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                         vocab_size: int) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` per token ([N, H] hidden, [N] targets -> [N] fp32), the
+    logits made and dropped a chunk at a time (`LOGITS_PER_CHUNK`); the gradient flows to `hidden`."""
+    return _LinearCrossEntropy.apply(hidden, head, targets, max(1, LOGITS_PER_CHUNK // vocab_size))
+
+
+def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, LM head) when `model`'s logits are exactly `head(decoder(ids).last_hidden_state)`, else None.
+
+    Checked on a 4-token probe rather than assumed: a model that post-processes its logits (soft-capping,
+    a logit scale) fails it, and its loss is then taken from its own logits.
+    """
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    decoder, head = (get_decoder(), get_head()) if callable(get_decoder) and callable(get_head) else (None, None)
+    if decoder is None or decoder is model or head is None or not hasattr(head, "out_features"):
+        return None
+    probe = torch.arange(4, device=next(model.parameters()).device)[None] % head.out_features
+    with torch.no_grad():
+        expected = model(input_ids=probe, use_cache=False).logits.float()
+        got = head(decoder(input_ids=probe, use_cache=False).last_hidden_state).float()
+    return (decoder, head) if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4,
+                                                                              atol=1e-5) else None
+
+
+def _row_losses(model: nn.Module, head: tuple[nn.Module, nn.Module] | None, rows: list[Text], pad_token_id: int,
+                device: torch.device) -> torch.Tensor:
+    """Sum of next-token losses of each row (fp32).
 
     Rows are right-padded and run without an attention mask: under causal attention a real
     token never sees the pads after it, so its output is the unpadded one, and the pads'
-    own outputs are excluded from the loss. This keeps SDPA on its fast causal path.
+    own outputs are excluded from the loss. This keeps SDPA on its fast causal path. With a
+    `head` (`loss_head`) only the labelled positions reach the LM head, through
+    `linear_cross_entropy`; without one, the model's own full logits give the loss.
     """
     length = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -154,14 +244,23 @@ def _row_losses(model: nn.Module, rows: list[Text], pad_token_id: int, device: t
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         targets[i, :len(row) - 1] = input_ids[i, 1:len(row)]
-    logits = model(input_ids=input_ids.to(device), use_cache=False).logits
-    losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.to(device).reshape(-1),
-                                         reduction="none", ignore_index=-100)
-    return losses.view(len(rows), -1).sum(dim=1)
+    input_ids, targets = input_ids.to(device), targets.to(device)
+    if head is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             reduction="none", ignore_index=-100).view(len(rows), -1)
+    else:
+        decoder, lm_head = head
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        labelled = targets != -100
+        losses = torch.zeros(targets.shape, dtype=torch.float32, device=device)  # zero at pads, as ignore_index
+        losses[labelled] = linear_cross_entropy(hidden[labelled], lm_head, targets[labelled], lm_head.out_features)
+    return losses.sum(dim=1)
 
 
 def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Sequence[Sequence[Text]],
-                 config: EncodeConfig, pad_token_id: int) -> EncodedBatch:
+                 config: EncodeConfig, pad_token_id: int,
+                 on_step: Callable[[StepReport], None] | None = None) -> EncodedBatch:
     """Train one LoRA per passage (`texts[p]` = passage p's training texts) from `init`, all at once.
 
     Step s of passage p uses its minibatch s mod ceil(n_p / texts_per_step) (no shuffling, as
@@ -169,10 +268,12 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
     passage's loss is the mean over the tokens of its own minibatch (HF's causal LM loss), and
     the batch loss is their sum. `model` is frozen and may be in bf16; A/B train in fp32. A
     passage whose loss turns NaN/inf stops there and is marked in `finite` (module docstring).
+    `on_step` is called after every optimizer step (progress).
     """
     if any(len(t) == 0 for t in texts):
         raise ValueError("every passage needs at least one training text")
     device = next(model.parameters()).device
+    head = loss_head(model)
     count = len(texts)
     leaves = {name: (a.detach().float().expand(count, -1, -1).clone().to(device).requires_grad_(),
                      b.detach().float().expand(count, -1, -1).clone().to(device).requires_grad_())
@@ -201,7 +302,7 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
             owner = torch.tensor([owners[i] for i in chunk], device=device)
             weights = {name: (a.index_select(0, owner), b.index_select(0, owner)) for name, (a, b) in leaves.items()}
             with inject_lora(model, weights, spec.scaling):
-                row_loss = _row_losses(model, [rows[i] for i in chunk], pad_token_id, device)
+                row_loss = _row_losses(model, head, [rows[i] for i in chunk], pad_token_id, device)
             per_row = row_loss / tokens.to(device).index_select(0, owner).clamp(min=1)
             values, owned = per_row.detach().double().cpu(), owner.cpu()
             finite[owned[~values.isfinite()]] = False
@@ -210,9 +311,13 @@ def encode_batch(model: nn.Module, spec: LoraSpec, init: LoraWeights, texts: Seq
                 per_row[kept.to(device)].sum().backward()
             for value, p in zip(values[kept].tolist(), owned[kept].tolist()):
                 loss_sums[p, step // len(minibatches[p])] += value
+        trained = int(tokens[finite].sum())  # the rows of passages that diverged in this step are left out
         active = [p for p in active if finite[p]]
         if active:
             optimizer.step(step + 1, None if len(active) == count else torch.tensor(active, device=device))
+        if on_step is not None:
+            finished = sum(1 for p in range(count) if steps[p] <= step + 1 or not finite[p])
+            on_step(StepReport(step + 1, max(steps), finished, trained))
     epoch_loss = loss_sums / torch.tensor([len(mb) for mb in minibatches], dtype=torch.float64)[:, None]
     epoch_loss[~finite] = float("nan")
     weights = {name: (a.detach(), b.detach()) for name, (a, b) in leaves.items()}

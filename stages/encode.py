@@ -9,7 +9,8 @@ augmentation fields `<model>_rewrite` / `<model>_qa` are detected. Each passage 
 "<test_id>_<pid>") gets a rank-r LoRA on the MLP projections of every layer, trained from one
 shared initialisation (BANK/init, a peft adapter) with the original recipe (dyprag.encode):
 its QA texts with the passage / rewrite in context, AdamW lr 3e-4, one text per step, one
-epoch. Passages without augmentation train on their own text (counted in the log).
+epoch. Passages without augmentation train on their own text (counted in the log). A passage
+that several records hold with the same augmentation is trained once: its ids share one bank row.
 
 Many passages train at once (`--passages_per_batch`), each with its own parameters and
 optimizer state; the frozen model runs in the compute dtype (--bf16 on AMX CPUs and GPUs).
@@ -24,7 +25,8 @@ earlier batches are written to the bank first, --resume continues) or is left ou
 again). The other passages of its batch train exactly as they would without it.
 
 Output: BANK/index.json + shard-*.safetensors (dyprag.bank), BANK/init, run_config.json,
-trainer_log.jsonl (loss per batch of passages) and encode_summary.json.
+trainer_log.jsonl (loss per batch of passages) and encode_summary.json. The progress bar counts the
+trained tokens, moving (with the passages done and the step within the batch) at every optimizer step.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def run_encode(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     from dyprag.bank import LoraBank, LoraBankError, LoraBankWriter, merge_parts
-    from dyprag.encode import EncodeConfig, encode_batch, init_lora, passage_texts, plan_batches
+    from dyprag.encode import EncodeConfig, StepReport, encode_batch, init_lora, passage_texts, plan_batches, training_tokens
     from dyprag.lora import LoraSpec, read_peft_adapter, save_peft_adapter, target_module_names
     from dyprag.records import RecordError, detect_augment_model, load_records
 
@@ -228,11 +230,17 @@ def run_encode(argv: list[str] | None = None) -> None:
         logger.warning("%d of %d passages have no augmentation (QA pairs): they are trained on the passage text "
                        "alone.", bare, len(passages))
     done = _encoded_ids(out) & {p.id for p in passages} if enc_args.resume else set()
-    todo = rank_share([p for p in passages if p.id not in done], rank, world)
+    # One LoRA per distinct (text, rewrite, QA pairs): records that share a passage share its bank row.
+    copies: dict[tuple[str, str | None, str], list[str]] = {}
+    for p in passages:
+        if p.id not in done:
+            copies.setdefault((p.text, p.rewrite, json.dumps(p.qas, sort_keys=True)), []).append(p.id)
+    first = {ids[0]: ids[1:] for ids in copies.values()}
+    todo = rank_share([p for p in passages if p.id in first], rank, world)
     if world > 1:  # every rank has read the same bank state before any rank writes to it
         torch.distributed.barrier()
-    logger.info("encoding %d passages (%d already in the bank) on %d rank(s); augmentation fields: %s",
-                len(passages) - len(done), len(done), world, augment_name or "none")
+    logger.info("encoding %d passages as %d distinct ones (%d already in the bank) on %d rank(s); augmentation "
+                "fields: %s", len(passages) - len(done), len(first), len(done), world, augment_name or "none")
 
     # 3. tokenizer, frozen model in the compute dtype, the shared initialisation
     tokenizer = load_tokenizer(model_args)
@@ -270,9 +278,25 @@ def run_encode(argv: list[str] | None = None) -> None:
                             part=f"rank{rank:05d}")
     batches = plan_batches([sum(map(len, t)) for t in texts], enc_args.passages_per_batch)
     skipped: list[str] = []  # passages whose loss became NaN/inf (--nan_policy skip)
-    with tqdm(total=len(todo), desc="encode passages", unit="passage", disable=rank != 0) as progress:
+    # The bar counts training tokens, so it moves at every optimizer step and its ETA holds across
+    # batches of unequal passages; its postfix names the passages done and the step within the batch.
+    encoded, trained = 0, 0  # passages of the finished batches; predicted tokens trained on
+    with tqdm(total=training_tokens(texts, recipe), desc="encode", unit="tok", unit_scale=True,
+              disable=rank != 0) as progress:
         for number, batch in enumerate(batches, start=1):
-            result = encode_batch(model, spec, init, [texts[i] for i in batch], recipe, tokenizer.pad_token_id)
+            batch_texts = [texts[i] for i in batch]
+
+            def on_step(report: StepReport, number: int = number) -> None:
+                nonlocal trained
+                trained += report.tokens
+                progress.set_postfix_str(f"passages {encoded + report.finished}/{len(todo)}, batch {number}/"
+                                         f"{len(batches)} step {report.step}/{report.steps}", refresh=False)
+                progress.update(report.tokens)
+
+            before = trained
+            result = encode_batch(model, spec, init, batch_texts, recipe, tokenizer.pad_token_id, on_step)
+            progress.update(training_tokens(batch_texts, recipe) - (trained - before))  # diverged passages' rest
+            encoded += len(batch)
             failed = [todo[i].id for i, finite in zip(batch, result.finite.tolist()) if not finite]
             if failed and run_args.nan_policy == "stop":
                 writer.flush()  # the passages of the earlier batches go into the bank: --resume keeps them
@@ -283,23 +307,23 @@ def run_encode(argv: list[str] | None = None) -> None:
                                  f"--resume, or pass --nan_policy skip to leave such passages out of the bank.")
             for row, i in enumerate(batch):
                 if result.finite[row]:
-                    writer.add(todo[i].id, result.weights, row)
+                    writer.add(todo[i].id, result.weights, row, aliases=first[todo[i].id])
             if failed:
-                skipped += failed
+                skipped += [pid for failure in failed for pid in (failure, *first[failure])]
                 logger.warning("non-finite training loss of passage(s) %s: left out of the bank (%d so far; a "
                                "--resume run tries them again)", ", ".join(failed), len(skipped))
-            progress.update(len(batch))
             if rank == 0:
                 losses = result.epoch_loss[result.finite]  # the skipped passages' losses are NaN
-                _log(out, {"step": number, "passages": progress.n,
+                _log(out, {"step": number, "passages": encoded,
                            **({"loss": losses[:, -1].mean().item(), "first_epoch_loss": losses[:, 0].mean().item()}
                               if len(losses) else {}),
                            **({"skipped_passages": len(skipped)} if skipped else {}),
-                           "passages_per_second": progress.n / (time.time() - start)})
+                           "passages_per_second": encoded / (time.time() - start)})
     writer.close()
 
     # 5. one bank: rank 0 joins every rank's index once all are written, then checks it is complete
     skipped = gather_shares(skipped, world)  # a collective: every rank has written its part by then
+    tokens = sum(gather_shares([trained], world))  # by all ranks
     if rank != 0:
         return
     merge_parts(out)
@@ -312,9 +336,10 @@ def run_encode(argv: list[str] | None = None) -> None:
         raise UserError(f"the bank in {out} lacks {len(missing)} passages (e.g. {missing[0]}); re-run with --resume.")
     elapsed = time.time() - start
     summary = {"passages": len(bank), "encoded_now": len(passages) - len(done) - len(skipped),
+               "distinct_now": len(first) - len(set(skipped) & set(first)),
                "skipped_passages": len(skipped), "skipped_passage_ids": skipped,
                "without_augmentation": bare, "augment_model_name": augment_name, "ranks": world,
-               "seconds": round(elapsed, 2), "spec": spec.to_dict(), "recipe": {
+               "seconds": round(elapsed, 2), "tokens": tokens, "spec": spec.to_dict(), "recipe": {
                    "learning_rate": recipe.learning_rate, "num_epochs": recipe.num_epochs,
                    "texts_per_step": recipe.texts_per_step, "weight_decay": recipe.weight_decay}}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -12,7 +12,8 @@ import torch
 from conftest import SHARED_DATA, launch, run_stage
 
 from dyprag.bank import LoraBank, LoraBankError, LoraBankWriter, merge_parts
-from dyprag.encode import EncodeConfig, encode_batch, init_lora, passage_texts
+from dyprag.encode import (EncodeConfig, StepReport, encode_batch, init_lora, linear_cross_entropy, loss_head,
+                           passage_texts, training_tokens)
 from dyprag.lora import LoraSpec, inject_lora, save_peft_adapter
 
 SPEC = LoraSpec()
@@ -99,6 +100,63 @@ def test_batched_encoding_equals_sequential_peft(model, tokenizer, demo_passages
     assert lora_b.abs().min(dim=-1).values.max() > 1e-4 and not torch.equal(lora_a[0], init[name][0][0])
     assert not torch.allclose(lora_b[0], lora_b[1])
     assert (batched.epoch_loss[:, 1] < batched.epoch_loss[:, 0]).all()
+
+
+def test_linear_cross_entropy_matches_the_full_logits_loss_and_gradient():
+    """Chunked per-token cross-entropy (chunks of 3 of 10 tokens) = F.cross_entropy of the full logits, in value
+    and in the gradient to the hidden states, under any weighting of the tokens; the head stays frozen."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    head.weight.copy_(torch.randn(50, 8, generator=generator))
+    hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (10,), generator=generator)
+    weights = torch.rand(10, generator=generator)
+
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    (expected * weights).sum().backward()
+    expected_grad, hidden.grad = hidden.grad.clone(), None
+    import dyprag.encode as encode
+
+    chunk = encode.LOGITS_PER_CHUNK
+    encode.LOGITS_PER_CHUNK = 3 * 50
+    try:
+        got = linear_cross_entropy(hidden, head, targets, 50)
+    finally:
+        encode.LOGITS_PER_CHUNK = chunk
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert head.weight.grad is None
+
+
+def test_loss_head_only_where_the_logits_are_the_heads(model):
+    """The decoder + head path is taken where it reproduces the model's logits; a model whose logits are
+    post-processed (here scaled after the head) keeps its own logits for the loss."""
+    assert loss_head(model) is not None
+    scaled = copy.deepcopy(model)
+    forward = scaled.forward
+
+    def soft_capped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 30 * torch.tanh(out.logits / 30)
+        return out
+
+    scaled.forward = soft_capped
+    assert loss_head(scaled) is None
+
+
+def test_every_optimizer_step_reports_progress(model, tokenizer, demo_passages):
+    """on_step runs once per step of the longest passage, numbering the steps, counting the passages done
+    (those whose steps are all run) and the tokens trained, which sum to `training_tokens`."""
+    config = EncodeConfig(num_epochs=2, texts_per_step=2)
+    reports: list[StepReport] = []
+    encode_batch(model, SPEC, init_lora(model, SPEC, seed=42), demo_passages, config, tokenizer.pad_token_id,
+                 reports.append)
+    steps = [2 * math.ceil(len(t) / 2) for t in demo_passages]  # 2, 4, 6 steps for 2, 3, 5 texts
+    assert [r.step for r in reports] == list(range(1, 7)) and {r.steps for r in reports} == {6}
+    assert [r.finished for r in reports] == [sum(s <= step for s in steps) for step in range(1, 7)]
+    assert sum(r.tokens for r in reports) == training_tokens(demo_passages, config)
+    assert reports[0].tokens > reports[-1].tokens > 0  # three passages train in step 1, one in step 6
 
 
 # ------------------------------------------------------------------------------------------- bank
@@ -207,7 +265,8 @@ def test_two_ranks_split_the_passages_into_one_bank(tiny_model, demo_data, model
     launch("encode", "--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
            "--output_dir", out, "--max_samples", "3", "--shard_size", "2", "--report_to", "none")
     bank = LoraBank(out)
-    assert len(bank) == 9 and json.loads((out / "encode_summary.json").read_text())["ranks"] == 2
+    summary = json.loads((out / "encode_summary.json").read_text())
+    assert len(bank) == 9 and summary["ranks"] == 2
     assert {p.name.split("-")[0] for p in out.glob("*shard-*")} == {"rank00000", "rank00001"}
     assert not list(out.glob("index.rank*.json"))  # the parts were joined into index.json
     # Each rank's LoRAs are the ones a single process trains for those passages.
@@ -215,6 +274,12 @@ def test_two_ranks_split_the_passages_into_one_bank(tiny_model, demo_data, model
     texts = [passage_texts(tokenizer, passage) for record in records for passage in record["passages"]]
     init = init_lora(model, SPEC, seed=42)
     expected = encode_batch(model, SPEC, init, texts, EncodeConfig(), tokenizer.pad_token_id).weights
+    # The records share passages: each distinct text trains once (both ranks' tokens), its ids share a bank row.
+    distinct = list({record["passages"][p]: texts[3 * n + p] for n, record in enumerate(records)
+                     for p in range(3)}.values())
+    assert len(distinct) < len(texts) and summary["tokens"] == training_tokens(distinct, EncodeConfig())
+    index = json.loads((out / "index.json").read_text())
+    assert sum(shard["passages"] for shard in index["shards"].values()) == len(distinct) == summary["distinct_now"]
     loaded = bank.load([f"{r['test_id']}_{p}" for r in records for p in range(3)])
     for name in expected:
         torch.testing.assert_close(loaded[name][0], expected[name][0], atol=1e-5, rtol=0)
