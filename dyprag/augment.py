@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -166,38 +166,49 @@ def augment_passages(passages: Sequence[str], generate: GenerateFn, num_qa: int 
     return out, stats
 
 
-def augment_records(records: Sequence[dict[str, Any]], passages: Sequence[Sequence[str]], generate: GenerateFn,
-                    model_name: str, num_qa: int = 3, max_attempts: int = 5,
+def distinct_passages(records: Sequence[dict[str, Any]], passages: Sequence[Sequence[str]]
+                      ) -> tuple[list[str], list[str]]:
+    """The distinct texts of `passages` (`passages[i]` = record i's), first seen first, and the bank key
+    ("<test_id>_<position>") of each one's first occurrence. Records that share passages (retrieval
+    returns the same ones for related questions) have each text augmented once."""
+    first: dict[str, str] = {}
+    for record, texts in zip(records, passages):
+        for k, text in enumerate(texts):
+            first.setdefault(text, f"{record['test_id']}_{k}")
+    return list(first), list(first.values())
+
+
+def augment_records(records: Sequence[dict[str, Any]], passages: Sequence[Sequence[str]],
+                    augmentations: Mapping[str, Augmentation | None], model_name: str,
                     passage_ids: Sequence[Sequence[str]] | None = None,
-                    keep_skipped: bool = False) -> tuple[list[dict[str, Any]], AugmentStats]:
+                    keep_skipped: bool = False) -> list[dict[str, Any]]:
     """Records in the PRAG format: `passages` = the augmented ones, `augment` = their augmentations.
 
     `passages[i]` are the candidate passages of `records[i]` (given or retrieved), `passage_ids[i]`
     their corpus ids when known (kept aligned in the output's `passage_ids`; a stale field is
-    dropped). As the original, skipped passages are dropped and the kept ones renumbered
+    dropped); `augmentations` maps each passage text to its augmentation (`augment_passages`), None
+    where it was skipped. As the original, skipped passages are dropped and the kept ones renumbered
     (pid = position), so bank keys stay "<test_id>_<position in passages>". With `keep_skipped`
     they stay in `passages` without an `augment` entry instead (encoding then trains their LoRA
     on the passage text alone), so every question keeps all its passages.
     """
-    flat = [(r, k) for r, psgs in enumerate(passages) for k in range(len(psgs))]
-    ids = [f"{records[r]['test_id']}_{k}" for r, k in flat]
-    results, stats = augment_passages([passages[r][k] for r, k in flat], generate, num_qa, max_attempts, ids)
     out = []
-    for record in records:
+    for index, record in enumerate(records):
         fresh = {key: value for key, value in record.items() if key != "passage_ids"}
-        out.append({**fresh, "passages": [], "augment": [], **({"passage_ids": []} if passage_ids else {})})
-    for (index, k), result in zip(flat, results):
-        if result is None and not keep_skipped:
-            continue
-        record = out[index]
-        if result is not None:
-            record["augment"].append({"pid": len(record["passages"]), "passage": passages[index][k],
-                                      f"{model_name}{REWRITE_SUFFIX}": result.rewrite,
-                                      f"{model_name}{QA_SUFFIX}": result.qa})
-        record["passages"].append(passages[index][k])
-        if passage_ids:
-            record["passage_ids"].append(passage_ids[index][k])
-    return out, stats
+        row = {**fresh, "passages": [], "augment": [], **({"passage_ids": []} if passage_ids else {})}
+        for k, text in enumerate(passages[index]):
+            result = augmentations[text]
+            if result is None and not keep_skipped:
+                continue
+            if result is not None:
+                row["augment"].append({"pid": len(row["passages"]), "passage": text,
+                                       f"{model_name}{REWRITE_SUFFIX}": result.rewrite,
+                                       f"{model_name}{QA_SUFFIX}": result.qa})
+            row["passages"].append(text)
+            if passage_ids:
+                row["passage_ids"].append(passage_ids[index][k])
+        out.append(row)
+    return out
 
 
 class HFGenerator:

@@ -13,7 +13,9 @@ asked again at most `--max_attempts` times; passages that never parse are skippe
 
 Output: OUT/augmented.json (PRAG records with `<model>_rewrite` / `<model>_qa`, `<model>` =
 the model path's basename, lower-case, or `--augment_model_name`) and OUT/augment_summary.json
-(passages, augmented, skipped and why, QA requests), also logged.
+(distinct passages, augmented, skipped and why, QA requests, passages in the records), also logged.
+A text that several records share is augmented once (on one rank) and its augmentation written
+into each of them.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def candidate_passages(records: list[dict[str, Any]], args: AugmentArguments
 def run_augment(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments, set_seed
 
-    from dyprag.augment import AugmentStats, HFGenerator, augment_records
+    from dyprag.augment import AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages
     from dyprag.records import RecordError, augment_model_name, load_records, save_records
 
     from .common import resolved_config, save_config
@@ -140,26 +142,29 @@ def run_augment(argv: list[str] | None = None) -> None:
                            show_progress=rank == 0, max_new_tokens=aug_args.max_new_tokens, **sampling)
     name = aug_args.augment_model_name or augment_model_name(model_args.model_name_or_path)
 
-    # 4. augment this rank's share, gather everything in record order
-    share = rank_share(list(range(len(records))), rank, world)
-    augmented, stats = augment_records([records[i] for i in share], [passages[i] for i in share], generate, name,
-                                       aug_args.num_qa, aug_args.max_attempts,
-                                       [passage_ids[i] for i in share] if passage_ids else None,
-                                       keep_skipped=aug_args.keep_skipped)
-    augmented = gather_shares(augmented, world)
+    # 4. augment this rank's share of the distinct passages, gather them, build the records in order
+    texts, first_ids = distinct_passages(records, passages)
+    share = rank_share(list(range(len(texts))), rank, world)
+    results, stats = augment_passages([texts[i] for i in share], generate, aug_args.num_qa, aug_args.max_attempts,
+                                      [first_ids[i] for i in share])
+    results = gather_shares(results, world)
     total = AugmentStats()
     for part in gather_shares([stats], world):
         total.merge(part)
     if rank != 0:
         return
+    augmented = augment_records(records, passages, dict(zip(texts, results)), name, passage_ids,
+                                keep_skipped=aug_args.keep_skipped)
 
     # 5. write the records and the summary; report the skips
     save_records(out / OUTPUT_FILE, augmented)
-    summary = {"augment_model_name": name, "records": len(augmented), **total.to_dict()}
+    summary = {"augment_model_name": name, "records": len(augmented),
+               "passages_in_records": sum(map(len, passages)), **total.to_dict()}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("augmented %d of %d passages; skipped %d (QA never parsed: %d, empty rewrite: %d) after %d QA "
-                "requests; wrote %s", total.augmented, total.passages, total.skipped, total.skipped_qa,
-                total.skipped_rewrite, total.qa_requests, Path(out / OUTPUT_FILE))
+    logger.info("augmented %d of %d distinct passages (%d in the records); skipped %d (QA never parsed: %d, empty "
+                "rewrite: %d) after %d QA requests; wrote %s", total.augmented, total.passages,
+                summary["passages_in_records"], total.skipped, total.skipped_qa, total.skipped_rewrite,
+                total.qa_requests, Path(out / OUTPUT_FILE))
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped_ids"}), flush=True)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_stage
 
-from dyprag.augment import HFGenerator, augment_passages, augment_records, parse_qa, qa_prompt
+from dyprag.augment import HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt
 from dyprag.prompts import QA_PROMPT, REWRITE_PROMPT
 
 GOOD = ('[{"question": "Q1?", "answer": "A1", "full_answer": "F1."}, '
@@ -99,20 +99,28 @@ def test_empty_rewrite_skips_the_passage():
 
 
 def test_augment_records_writes_the_prag_format():
-    records = [{"test_id": 7, "question": "Q?", "answer": ["A"], "passage_ids": ["stale"]}]
+    records = [{"test_id": 7, "question": "Q?", "answer": ["A"], "passage_ids": ["stale"]},
+               {"test_id": 8, "question": "R?", "answer": ["B"]}]
+    passages = [["p0", "bad", "p2"], ["p2", "p0"]]
+    texts, first_ids = distinct_passages(records, passages)
+    assert texts == ["p0", "bad", "p2"] and first_ids == ["7_0", "7_1", "7_2"]  # p2, p0 of record 8 reuse them
     llm = FakeLLM({"p0": [GOOD], "bad": ["no"], "p2": [GOOD]})
-    out, stats = augment_records(records, [["p0", "bad", "p2"]], llm, "tiny-llm", max_attempts=2,
-                                 passage_ids=[["c0", "c1", "c2"]])
+    results, stats = augment_passages(texts, llm, max_attempts=2, ids=first_ids)
+    assert stats.passages == 3 and stats.qa_requests == 4  # each distinct text asked once, "bad" twice
+    augmentations = dict(zip(texts, results))
+    out = augment_records(records, passages, augmentations, "tiny-llm", passage_ids=[["c0", "c1", "c2"], ["c2", "c0"]])
     record = out[0]
     assert record["passages"] == ["p0", "p2"] and record["passage_ids"] == ["c0", "c2"]
     assert [a["pid"] for a in record["augment"]] == [0, 1]  # renumbered: bank keys 7_0, 7_1
     assert record["augment"][1] == {"pid": 1, "passage": "p2", "tiny-llm_rewrite": "A rewrite.",
                                     "tiny-llm_qa": _pairs(3)}
+    assert [a["passage"] for a in out[1]["augment"]] == ["p2", "p0"] and out[1]["passage_ids"] == ["c2", "c0"]
+    assert out[1]["augment"][0]["tiny-llm_qa"] == record["augment"][1]["tiny-llm_qa"]
     assert stats.skipped_ids == ["7_1"] and records[0]["passage_ids"] == ["stale"]  # input untouched
 
     # keep_skipped: the skipped passage stays in place without an augmentation entry.
-    kept, _ = augment_records(records, [["p0", "bad", "p2"]], FakeLLM({"p0": [GOOD], "bad": ["no"], "p2": [GOOD]}),
-                              "tiny-llm", max_attempts=2, passage_ids=[["c0", "c1", "c2"]], keep_skipped=True)
+    kept = augment_records(records, passages, augmentations, "tiny-llm", passage_ids=[["c0", "c1", "c2"], ["c2", "c0"]],
+                           keep_skipped=True)
     assert kept[0]["passages"] == ["p0", "bad", "p2"] and kept[0]["passage_ids"] == ["c0", "c1", "c2"]
     assert [a["pid"] for a in kept[0]["augment"]] == [0, 2]
 
@@ -131,14 +139,15 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model):
 
 def test_stage_with_tiny_model_skips_and_reports(tiny_model, demo_data, tmp_path):
     # A random tiny model never writes a JSON list: every passage is asked max_attempts times,
-    # then skipped, and the summary (file + stdout) says so.
+    # then skipped, and the summary (file + stdout) says so. The 3 records' 6 passages are 3 texts.
     out = tmp_path / "aug"
     result = run_stage("augment", "--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
                        "--output_dir", out, "--max_samples", "3", "--top_k", "2", "--max_attempts", "2",
                        "--max_new_tokens", "12", "--per_device_eval_batch_size", "4", "--report_to", "none")
     summary = json.loads((out / "augment_summary.json").read_text())
-    assert summary["passages"] == 6 and summary["skipped_qa"] == 6 and summary["augmented"] == 0
-    assert summary["qa_requests"] == 12 and summary["augment_model_name"] == "model"
-    assert '"skipped": 6' in result.stdout and "skipped 6" in result.stderr
+    assert summary["passages_in_records"] == 6 and summary["passages"] == 3
+    assert summary["skipped_qa"] == 3 and summary["augmented"] == 0
+    assert summary["qa_requests"] == 6 and summary["augment_model_name"] == "model"
+    assert '"skipped": 3' in result.stdout and "skipped 3" in result.stderr
     records = json.loads((out / "augmented.json").read_text())
     assert len(records) == 3 and all(r["augment"] == [] and r["passages"] == [] for r in records)
