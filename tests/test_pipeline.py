@@ -73,3 +73,5 @@ def test_pipeline_runs_every_stage_resumes_after_a_kill_and_reports(tmp_path):
     images = [work / line.split("](")[1].split(")")[0] for line in report.splitlines() if "![" in line]
     assert images and all(p.read_bytes().startswith(PNG_SIGNATURE) for p in images)
     assert "bash launch/sft.sh" in report
+    parsed = summary["augmented"], summary["passages"]
+    assert f"Augmentation parsed (a rewrite and the QA list) for {parsed[0]} of {parsed[1]} distinct passages" in report
