@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,35 +310,46 @@ def dying_save_file(tensors, filename, *args, **kwargs):  # as a SIGKILL in the 
 
 safetensors.torch.save_file = dying_save_file
 '''
-ENCODE = ["--max_samples", "2", "--num_train_epochs", "2", "--learning_rate", "1e-2", "--passages_per_batch", "2",
+ENCODE = ["--num_train_epochs", "2", "--learning_rate", "1e-2", "--passages_per_batch", "2",
           "--report_to", "none"]  # 6 passages in 3 batches; 2 epochs of 1 text: a 2nd update can diverge
 
 
-def encode_in_process(tiny_model, demo_data, out, *extra) -> None:
+@pytest.fixture(scope="module")
+def encode_records(demo_data, tmp_path_factory) -> Path:
+    """Two demo_qa records whose six passages all differ, so each passage is its own bank row (records that
+    share a passage share its row: tests/test_encode.py)."""
+    first, *rest = json.loads((demo_data / "demo_qa.json").read_text())
+    second = next(r for r in rest if not set(r["passages"]) & set(first["passages"]))
+    out = tmp_path_factory.mktemp("reliability_records") / "records.json"
+    out.write_text(json.dumps([first, second]))
+    return out
+
+
+def encode_in_process(tiny_model, records, out, *extra) -> None:
     """stages.encode in this process: the imports are paid once (the killed runs alone need a process)."""
     from stages.encode import main
 
-    main([str(a) for a in ["--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
-                           "--output_dir", out, *ENCODE, *extra]])
+    main([str(a) for a in ["--model_name_or_path", tiny_model, "--input_file", records, "--output_dir", out, *ENCODE,
+                           *extra]])
 
 
 @pytest.fixture(scope="module")
-def clean_bank(tiny_model, demo_data, tmp_path_factory):
+def clean_bank(tiny_model, encode_records, tmp_path_factory):
     """An uninterrupted encode run, one shard per batch: the reference, and the projector's bank."""
     out = tmp_path_factory.mktemp("reliability") / "bank"
-    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "2")
     return out
 
 
 @pytest.fixture(scope="module")
-def encode_batches(tiny_model, demo_data) -> list[list[str]]:
+def encode_batches(tiny_model, encode_records) -> list[list[str]]:
     """The passage ids of each batch of the ENCODE runs, as stages.encode plans them."""
     from transformers import AutoTokenizer
 
     from dyprag.encode import passage_texts, plan_batches
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    records = json.loads((demo_data / "demo_qa.json").read_text())[:2]
+    records = json.loads(encode_records.read_text())
     ids = [f"{r['test_id']}_{p}" for r in records for p in range(len(r["passages"]))]
     sizes = [sum(map(len, passage_texts(tokenizer, passage))) for r in records for passage in r["passages"]]
     return [[ids[i] for i in batch] for batch in plan_batches(sizes, 2)]
@@ -376,7 +388,7 @@ def assert_same_loras(bank_dir, reference_dir, ids, atol: float = 1e-6) -> None:
     assert diff <= atol, diff
 
 
-def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys, tiny_model, demo_data,
+def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys, tiny_model, encode_records,
                                                             clean_bank, encode_batches, tmp_path):
     """A passage of batch 2 diverges: batch 1 (still buffered, shard_size 4) is written, nothing of batch 2;
     --resume then finishes the bank with the LoRAs of the uninterrupted run."""
@@ -385,7 +397,7 @@ def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys,
     with monkeypatch.context() as patch:
         diverge_after_first_update(patch, batch=2, row=0)
         with pytest.raises(SystemExit) as stopped:
-            encode_in_process(tiny_model, demo_data, out, "--shard_size", "4")
+            encode_in_process(tiny_model, encode_records, out, "--shard_size", "4")
     assert stopped.value.code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"stopped (rank 0): the training loss of passage(s) {bad} became NaN/inf (batch 2);")
@@ -393,18 +405,18 @@ def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys,
     part = json.loads((out / "index.rank00000.json").read_text())
     assert sorted(part["passages"]) == sorted(encode_batches[0]) and not (out / "index.json").exists()
 
-    encode_in_process(tiny_model, demo_data, out, "--shard_size", "4", "--resume")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "4", "--resume")
     assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
 
 
-def test_encode_nan_skip_leaves_the_passage_out(monkeypatch, tiny_model, demo_data, clean_bank, encode_batches,
+def test_encode_nan_skip_leaves_the_passage_out(monkeypatch, tiny_model, encode_records, clean_bank, encode_batches,
                                                 tmp_path):
     from dyprag.bank import LoraBank
 
     bad = encode_batches[1][0]
     out = tmp_path / "bank"
     diverge_after_first_update(monkeypatch, batch=2, row=0)
-    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2", "--nan_policy", "skip")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "2", "--nan_policy", "skip")
     others = [pid for batch in encode_batches for pid in batch if pid != bad]
     assert sorted(LoraBank(out).passage_ids) == sorted(others)
     summary = json.loads((out / "encode_summary.json").read_text())
@@ -417,14 +429,14 @@ def test_encode_nan_skip_leaves_the_passage_out(monkeypatch, tiny_model, demo_da
     assert_same_loras(out, clean_bank, others, atol=0)
 
 
-def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_model, demo_data, clean_bank,
+def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_model, encode_records, clean_bank,
                                                                        encode_batches, tmp_path):
     """Killed half-way through writing the second shard: the index names the first only, and --resume ends with
     the bank of the uninterrupted run."""
     import hashlib
 
     out = tmp_path / "bank"
-    killed = run_stage("encode", "--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
+    killed = run_stage("encode", "--model_name_or_path", tiny_model, "--input_file", encode_records,
                        "--output_dir", out, *ENCODE, "--shard_size", "2", check=False,
                        env=stage_env(KILL_WHILE_WRITING="-shard-00001.safetensors.tmp",
                                      PYTHONPATH=pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)))
@@ -437,23 +449,22 @@ def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_mode
     assert (out / ".rank00000-shard-00001.safetensors.tmp").exists()  # the half-written one, under its temp name
     assert not (out / "rank00000-shard-00001.safetensors").exists()
 
-    encode_in_process(tiny_model, demo_data, out, "--shard_size", "2", "--resume")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "2", "--resume")
     assert not list(out.glob(".*.tmp"))
     assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
 
 
-def projector_args(tiny_model, demo_data, bank_dir, out, *extra) -> list:
+def projector_args(tiny_model, records, bank_dir, out, *extra) -> list:
     """2 pairs (one per record), one per step: 2 steps per epoch, a checkpoint every step."""
-    return ["--model_name_or_path", tiny_model, "--data_file", demo_data / "demo_qa.json", "--max_samples", "2",
-            "--bank_dir", bank_dir, "--output_dir", out, "--per_device_train_batch_size", "1", "--max_steps", "4",
-            "--save_steps", "1", "--report_to", "none", *extra]
+    return ["--model_name_or_path", tiny_model, "--data_file", records, "--bank_dir", bank_dir, "--output_dir", out,
+            "--per_device_train_batch_size", "1", "--max_steps", "4", "--save_steps", "1", "--report_to", "none", *extra]
 
 
-def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, demo_data, clean_bank, tmp_path):
+def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, encode_records, clean_bank, tmp_path):
     from dyprag.translator import load_translator
 
     out = tmp_path / "run"
-    result = run_stage("projector", *projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "1e30"),
+    result = run_stage("projector", *projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "1e30"),
                        check=False, env=stage_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -467,13 +478,13 @@ def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, demo
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
 
 
-def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, demo_data, clean_bank, tmp_path):
+def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, encode_records, clean_bank, tmp_path):
     """Steps 2-4 are skipped; with beta1 0 and no weight decay a zero gradient moves nothing, so the final
     translator is checkpoint-1's exactly."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    run_stage("projector", *projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "1e30",
+    run_stage("projector", *projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "1e30",
                                            "--nan_policy", "skip", "--adam_beta1", "0", "--weight_decay", "0"),
               env=stage_env(OMP_NUM_THREADS="1"))
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -485,7 +496,7 @@ def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, demo_data, clean_b
     assert final.keys() == first.keys() and all(torch.equal(final[key], first[key]) for key in final)
 
 
-def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(tiny_model, demo_data,
+def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(tiny_model, encode_records,
                                                                                      clean_bank, tmp_path):
     """SIGKILL half-way through checkpoint-2's optimizer file: checkpoint-1 is intact, the half-written folder stays
     under its temp name, and `--resume_from_checkpoint auto` (never the temp folder) ends as the whole run."""
@@ -494,11 +505,11 @@ def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_mat
     from dyprag.translator import load_translator
 
     env = stage_env(OMP_NUM_THREADS="1")
-    args = projector_args(tiny_model, demo_data, clean_bank, tmp_path / "whole", "--learning_rate", "3e-3")
+    args = projector_args(tiny_model, encode_records, clean_bank, tmp_path / "whole", "--learning_rate", "3e-3")
     run_stage("projector", *args, env=env)
 
     out = tmp_path / "killed"
-    args = projector_args(tiny_model, demo_data, clean_bank, out, "--learning_rate", "3e-3")
+    args = projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "3e-3")
     killed = run_stage("projector", *args, check=False,
                        env={**env, "KILL_WHILE_WRITING": ".checkpoint-2.tmp/optimizer.safetensors",
                             "PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)})
