@@ -36,8 +36,8 @@ def pytest_configure(config) -> None:
 # The longest test files (seconds on one 2-core worker: ~290 each for the first two, then 170-245),
 # collected first so that pytest-xdist (`--dist loadfile --no-loadscope-reorder`, as `make test`
 # runs it) starts them first and the short files fill in around them at the end.
-LONGEST_FIRST = ["test_pipeline.py", "test_ppo.py", "test_distributed.py", "test_reliability.py",
-                 "test_prag_eval.py", "test_projector.py"]
+LONGEST_FIRST = ["test_real_model.py", "test_pipeline.py", "test_real_quality.py", "test_ppo.py", "test_distributed.py",
+                 "test_reliability.py", "test_prag_eval.py", "test_projector.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,6 +65,15 @@ def tiny_model(embedded_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(embedded_dir) -> Path:
     return embedded_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def pretrained_model() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, the way the main job gets it (stages.pretrained):
+    the pip-shipped GGUF converted once per machine and cached, so every test of a run shares it."""
+    from stages.pretrained import smollm2_folder
+
+    return smollm2_folder()
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +135,29 @@ def stage_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", **extra}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
+
+
+def oracle_records(seed: int = 0, num_entities: int = 40, gold_only: bool = True) -> list[dict]:
+    """The held-out demo_qa records of world `seed` with an oracle augmentation of their gold (first) passage:
+    a rewrite from the entity's facts and the world's questions about it (public PRAG format, `oracle_*`).
+    `gold_only` keeps the gold passage alone in `passages`."""
+    from stages.embedded import build_datasets, generate_world, make_qa, say
+
+    world = generate_world(seed, num_entities)
+    questions: dict[str, list] = {}
+    for pair in make_qa(world):
+        questions.setdefault(pair.entity_id, []).append(pair)
+    records = [r for r in build_datasets(world)["demo_qa"] if r["split"] == "test"]
+    for record in records:
+        entity = world.by_id(record["entity_id"])
+        if gold_only:
+            record["passages"], record["passage_ids"] = record["passages"][:1], [entity.id]
+        record["augment"] = [{
+            "pid": 0, "passage": record["passages"][0],
+            "oracle_rewrite": " ".join(say(entity, fact, 1) for fact in entity.facts),
+            "oracle_qa": [{"question": p.question, "answer": p.answers[0], "full_answer": p.sentence}
+                          for p in questions[entity.id]]}]
+    return records
 
 
 def run_stage(stage: str, *args: str, check: bool = True, timeout: int = 600,

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import launch, run_stage, stage_env
+from conftest import launch, oracle_records, run_stage, stage_env
 
 SFT_WORLDS = range(1, 11)  # seeds of the sft worlds; the eval's world is seed 0 (the fixture's)
 METHODS = ["vanilla", "rag", "prag", "prag_combine"]
@@ -67,26 +67,6 @@ def _sft_rows(seed: int, rng: random.Random) -> list[dict[str, str]]:
     return rows
 
 
-def _oracle_records(demo_data: Path) -> list[dict]:
-    """The held-out demo_qa records, gold passage only, with an oracle augmentation (public format)."""
-    from stages.embedded import generate_world, make_qa, say
-
-    world = generate_world(0, 40)  # the fixture's world (tests/conftest.py: seed 0, 40 entities)
-    questions: dict[str, list] = {}
-    for pair in make_qa(world):
-        questions.setdefault(pair.entity_id, []).append(pair)
-    records = [r for r in json.loads((demo_data / "demo_qa.json").read_text()) if r["split"] == "test"]
-    for record in records:
-        entity = world.by_id(record["entity_id"])
-        record["passages"], record["passage_ids"] = record["passages"][:1], [entity.id]
-        record["augment"] = [{
-            "pid": 0, "passage": record["passages"][0],
-            "oracle_rewrite": " ".join(say(entity, fact, 1) for fact in entity.facts),
-            "oracle_qa": [{"question": p.question, "answer": p.answers[0], "full_answer": p.sentence}
-                          for p in questions[entity.id]]}]
-    return records
-
-
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, demo_data, tmp_path_factory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("prag_eval")
@@ -97,7 +77,7 @@ def evaluated(tiny_model, demo_data, tmp_path_factory) -> dict[str, Any]:
     (work / "data" / "prag_sft.json").write_text(json.dumps(rows))
     (work / "data" / "dataset_info.json").write_text(json.dumps({"prag_sft": {"file_name": "prag_sft.json"}}))
     records = work / "records.json"
-    records.write_text(json.dumps(_oracle_records(demo_data)))
+    records.write_text(json.dumps(oracle_records(0)))
 
     env = stage_env()
     model = work / "sft"
