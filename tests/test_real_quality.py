@@ -4,7 +4,7 @@ The world's people and cities are invented, so the model cannot know their facts
 none of them. The two tests prove what the main job's table rests on:
 - RAG: with the record's three passages in context (the gold one and two distractors) the untrained
   model reads the answer out, and beats vanilla's F1 by a margin;
-- PRAG: a passage encoded into a LoRA (stages.encode, the oracle augmentation of tests/test_prag_eval.py:
+- PRAG: a passage encoded into a LoRA (stages.encode, the oracle augmentation of conftest.oracle_records:
   a rewrite and the world's questions about the passage's entity) makes the model answer that
   entity's questions with no passage in context.
 Greedy decoding in fp32, so the answers are the same on every CPU up to float rounding; the
@@ -42,11 +42,14 @@ def test_rag_reads_the_answer_that_vanilla_cannot_know(pretrained_model, tmp_pat
 
 
 def test_a_passage_encoded_by_prag_makes_the_model_answer(pretrained_model, tmp_path):
-    """One question per held-out entity whose answer is a made-up word no model can guess (a person's
-    invention, a city's river), its gold passage encoded into a LoRA (lr 1e-3, 3 epochs: the original's
-    3e-4 for one epoch is for 1B+ models). Measured on worlds 0-2 (8 questions each): vanilla EM 0 (F1 0.000,
-    0.023, 0.018), PRAG EM 8 of 8 every time. Asserted on world 0: vanilla none exactly, PRAG at least 4."""
-    records = [r for r in oracle_records(0) if r["relation"] in ("invention", "river")]
+    """Questions whose answer is a made-up word no model can guess (a city's river, a person's invention), two
+    of each, their gold passages encoded into LoRAs (lr 1e-3, 3 epochs: the original's 3e-4 for one epoch is
+    for 1B+ models). Each passage's LoRA trains on its own, so these are 4 of the 8 such questions measured on
+    worlds 0-2: vanilla EM 0 (F1 0.000, 0.023, 0.018), PRAG EM 8 of 8 every time; with 3 QA pairs per passage
+    instead of all the entity's (6-12 texts), PRAG answered only 2, 1 and 1 of 8. Asserted on world 0:
+    vanilla none exactly, PRAG at least 2 of the 4."""
+    world = oracle_records(0)
+    records = [r for relation in ("river", "invention") for r in [x for x in world if x["relation"] == relation][:2]]
     (tmp_path / "records.json").write_text(json.dumps(records))
     bank = tmp_path / "bank"
     run_stage("encode", "--model_name_or_path", pretrained_model, "--input_file", tmp_path / "records.json",
@@ -55,4 +58,4 @@ def test_a_passage_encoded_by_prag_makes_the_model_answer(pretrained_model, tmp_
     table = _evaluate(pretrained_model, records, tmp_path / "prag", "vanilla,prag", "--bank_dir", bank,
                       "--top_k", "1")
     assert table["vanilla"]["em"] == 0, table
-    assert len(records) == 8 and table["prag"]["em"] >= 4 / len(records), table
+    assert len(records) == 4 and table["prag"]["em"] >= 2 / len(records), table
