@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import oracle_records, run_stage, stage_env
+from conftest import oracle_records, run_stage
 
 
 def _evaluate(model: Path, records: list[dict], work: Path, methods: str, *extra: str) -> dict[str, dict]:
@@ -24,7 +24,7 @@ def _evaluate(model: Path, records: list[dict], work: Path, methods: str, *extra
     (work / "records.json").write_text(json.dumps(records))
     run_stage("prag_eval", "--model_name_or_path", model, "--data_file", work / "records.json", "--methods", methods,
               "--output_dir", work / "eval", "--per_device_eval_batch_size", "8",
-              "--report_to", "none", *extra, env=stage_env(OMP_NUM_THREADS="2"))
+              "--report_to", "none", *extra)
     results = json.loads((work / "eval" / "results.json").read_text())["results"]
     print(f"\n{work.name}: " + ", ".join(f"{r['method']} EM {r['em']:.3f} F1 {r['f1']:.3f}" for r in results))
     return {row["method"]: row for row in results}
@@ -53,8 +53,7 @@ def test_a_passage_encoded_by_prag_makes_the_model_answer(pretrained_model, tmp_
     (tmp_path / "records.json").write_text(json.dumps(records))
     bank = tmp_path / "bank"
     run_stage("encode", "--model_name_or_path", pretrained_model, "--input_file", tmp_path / "records.json",
-              "--output_dir", bank, "--learning_rate", "1e-3", "--num_train_epochs", "3", "--report_to", "none",
-              env=stage_env(OMP_NUM_THREADS="2"))
+              "--output_dir", bank, "--learning_rate", "1e-3", "--num_train_epochs", "3", "--report_to", "none")
     table = _evaluate(pretrained_model, records, tmp_path / "prag", "vanilla,prag", "--bank_dir", bank,
                       "--top_k", "1")
     assert table["vanilla"]["em"] == 0, table
