@@ -76,7 +76,7 @@ class EncodeArguments:
                                                                   "batched forward/backward."})
     max_batch_tokens: int | None = field(
         default=None, metadata={"help": "Padded tokens per forward; a step with more runs as several forwards "
-                                        "(memory bound). Default: 16384 on an accelerator, 4096 on a CPU."})
+                                        "(memory bound). Default: 16384 on an accelerator, 512 on a CPU."})
     shard_size: int = field(default=256, metadata={"help": "Passages per bank shard file."})
     resume: bool = field(default=False, metadata={"help": "Continue the bank in output_dir: passages already in it "
                                                           "are skipped."})
