@@ -241,16 +241,19 @@ def tokenize_passages(tokenizer: Any, texts: Sequence[str], max_length: int) -> 
 
 # ---------------------------------------------------------------------------------- training
 
-def qa_text(tokenizer: Any, question: str, answer: str, passages: Sequence[str] | None = None) -> tuple[list[int], int]:
-    """Token ids of a QA training text (the original prompt + "The answer is <answer>.") and where the answer starts.
+def qa_text(tokenizer: Any, question: str, answer: str, passages: Sequence[str] | None = None,
+            with_cot: bool = False, fewshot: str | None = None) -> tuple[list[int], int]:
+    """Token ids of a QA training text (the original prompt + "The answer is <answer>.", or with
+    `with_cot` the chain-of-thought prompt with its few-shot block + "Answer: <answer>") and where
+    the answer starts.
 
     The answer starts where the text leaves the inference prompt (`get_prompt` without an
-    answer), so the loss covers exactly what the model has to produce after that prompt.
+    answer), so the answer-token loss covers exactly what the model has to produce after that prompt.
     """
     from .prompts import get_prompt
 
-    prompt = get_prompt(tokenizer, question, passages)
-    text = get_prompt(tokenizer, question, passages, answer)
+    prompt = get_prompt(tokenizer, question, passages, with_cot=with_cot, fewshot=fewshot)
+    text = get_prompt(tokenizer, question, passages, answer, with_cot=with_cot, fewshot=fewshot)
     start = next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), len(prompt))
     return text, start
 
@@ -271,12 +274,17 @@ def answer_logits(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
 
 
 def distillation_losses(model: nn.Module, generated: LoraWeights, real: LoraWeights, scaling: float,
-                        input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+                        input_ids: torch.Tensor, labels: torch.Tensor, student_scaling: float | None = None,
+                        kl_per_text: bool = False) -> dict[str, torch.Tensor]:
     """DyPRAG's loss terms for a batch of (passage, real LoRA, QA text) with per-sample LoRAs.
 
-    - lm: cross-entropy of the model with the generated LoRA injected, mean over answer tokens;
-    - kl: KL(teacher || student) per answer token (summed over the vocabulary), mean over answer
-      tokens; teacher = the same model with the passage's real (bank) LoRA injected, no gradient;
+    - lm: cross-entropy of the model with the generated LoRA injected, mean over the labelled
+      tokens (`labels` != -100: the answer, or the whole text);
+    - kl: KL(teacher || student) per labelled token (summed over the vocabulary), mean over those
+      tokens, or with `kl_per_text` summed over each text's tokens and averaged over the texts (the
+      original's `batchmean`); teacher = the same model with the passage's real (bank) LoRA injected
+      at `scaling`, no gradient; the student's LoRA is injected at `student_scaling` (default
+      `scaling`; the original injects it unscaled, 1.0);
     - mse: sum over modules of the mean squared error of generated vs real A and of B (the
       original's sum of per-module `F.mse_loss`);
     - teacher_lm: the teacher's cross-entropy, for reference (what the student can reach).
@@ -286,11 +294,12 @@ def distillation_losses(model: nn.Module, generated: LoraWeights, real: LoraWeig
 
     with torch.no_grad(), inject_lora(model, real, scaling):
         teacher, targets = answer_logits(model, input_ids, labels)
-    with inject_lora(model, generated, scaling):
+    with inject_lora(model, generated, scaling if student_scaling is None else student_scaling):
         student, _ = answer_logits(model, input_ids, labels)
     student_log = student.log_softmax(dim=-1)
     teacher_log = teacher.log_softmax(dim=-1)
-    kl = F.kl_div(student_log, teacher_log, log_target=True, reduction="none").sum(dim=-1).mean()
+    kl = F.kl_div(student_log, teacher_log, log_target=True, reduction="none").sum(dim=-1)
+    kl = kl.sum() / len(input_ids) if kl_per_text else kl.mean()
     mse = sum(F.mse_loss(generated[name][0].float(), real_a.float()) + F.mse_loss(generated[name][1].float(),
                                                                                     real_b.float())
               for name, (real_a, real_b) in real.items())

@@ -6,17 +6,25 @@
 
 Training pairs come from part 1's outputs: the PRAG records (`--data_file`, the file that
 `stages.encode` encoded) and their LoRA bank (`--bank_dir`, keys "<test_id>_<pid>"). Every
-QA pair of a passage's augmentation (`<model>_qa`) is one pair; a record without augmentation
-pairs its own question and first answer with its first passage (the gold / top-1 one). The
-QA text is the original prompt + "The answer is <answer>." (`dyprag.prompts`), with the
+QA pair of a passage's augmentation (`<model>_qa`) is one pair (`--qa_pairs first`: its first
+only); a record without augmentation pairs its own question and first answer with its first
+passage (the gold / top-1 one). The QA text is the original prompt + "The answer is <answer>."
+(`dyprag.prompts`; `--with_cot`: the chain-of-thought prompt and the QA's full_answer), with the
 question alone by default (the prompt DyPRAG answers at test time) or the passage in context
-(`--qa_with_passage`, the original's first PRAG training text).
+(`--qa_with_passage`). The original's texts are `--qa_pairs first --qa_with_passage true`, with
+`--with_cot --fewshot_file F` for 2WikiMultihopQA and HotpotQA.
 
 Per step (`dyprag.translator.distillation_losses`): the frozen model reads each passage (last
 layer, pooled), the translator turns it into a LoRA, and
     loss = LM(student) + kl_weight * KL(teacher || student) + mse_weight * MSE(generated, real A/B)
 where student = model + generated LoRA and teacher = model + the passage's bank LoRA, each
-injected per sample (`inject_lora`); LM and KL cover the answer tokens only, never padding.
+injected per sample (`inject_lora`). `--objective answer` (default): LM and KL are means over
+the answer tokens, and both LoRAs are scaled by alpha/r. `--objective original` (train_dyprag.py):
+LM is the mean over every token of the text, KL the sum over each text's tokens (its `batchmean`
+at batch 1), and the student's LoRA is injected unscaled (B @ A) against the teacher's alpha/r
+(the translator is then saved with alpha = r, so it is injected unscaled at inference too).
+Padding never counts in either (the original pads every text to 3000 tokens and sums the KL of
+the pads too).
 The bank rows of all training passages are read into memory once (`--bank_in_memory`).
 
 The translator is the only trainable module and the only one DeepSpeed trains (ZeRO-0/1/2,
@@ -90,6 +98,20 @@ class ProjectorArguments:
     qa_with_passage: bool = field(default=False, metadata={"help": "Put the passage in the QA text's context (the "
                                                                    "original's first PRAG text); default: the "
                                                                    "question alone, as DyPRAG is asked."})
+    qa_pairs: Literal["all", "first"] = field(
+        default="all", metadata={"help": "QA pairs of a passage's augmentation that become training texts: all, or "
+                                         "the first (the original: one text per passage)."})
+    with_cot: bool = field(default=False, metadata={"help": "Chain-of-thought QA texts: the few-shot prompt and the "
+                                                            "QA's full_answer (needs --fewshot_file), as the original "
+                                                            "for 2WikiMultihopQA and HotpotQA."})
+    fewshot_file: str | None = field(default=None, metadata={"help": "JSON list of {question, answer} examples for "
+                                                                     "the chain-of-thought prompt."})
+    objective: Literal["answer", "original"] = field(
+        default="answer", metadata={"help": "answer: LM and KL over the answer tokens, each a mean per token, the "
+                                            "student's LoRA scaled by alpha/r as the teacher's; original: DyPRAG's "
+                                            "train_dyprag.py: LM over every token of the text, KL summed over each "
+                                            "text's tokens, the student's LoRA unscaled (B@A, and so at inference). "
+                                            "Padding never counts in either."})
     projector_p: int = field(default=32, metadata={"help": "Hidden width p of each (layer, module) MLP (the "
                                                            "original: 32)."})
     pooling: Literal["last", "mean"] = field(default="last", metadata={"help": "Passage state fed to the translator: "
@@ -115,6 +137,9 @@ class ProjectorArguments:
         for name in ("projector_p", "max_passage_length", "cutoff_len"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.with_cot and not self.fewshot_file:
+            raise UserError("--with_cot needs --fewshot_file: a JSON list of {question, answer} examples whose "
+                            "answers end with 'So the answer is ...'.")
         if self.kl_weight < 0 or self.mse_weight < 0:
             raise UserError(f"--kl_weight and --mse_weight must be >= 0, got {self.kl_weight} and {self.mse_weight}.")
 
@@ -144,27 +169,32 @@ class Pair:
     passage_id: str
     passage: list[int]  # the passage's tokens, as the translator reads them
     text: list[int]  # the QA training text
-    answer_start: int  # first answer token of `text`: the loss covers text[answer_start:]
+    answer_start: int  # first answer token of `text`: the answer objective scores text[answer_start:]
 
 
 def build_pairs(records: list[dict[str, Any]], augment_name: str | None, tokenizer: Any,
-                args: ProjectorArguments) -> tuple[list[Pair], int]:
+                args: ProjectorArguments, fewshot: str | None = None) -> tuple[list[Pair], int]:
     """The training pairs of the records (see the module docstring) and how many were too long."""
     from dyprag.records import passage_id
     from dyprag.translator import qa_text, tokenize_passages
 
     from .encode import collect_passages
 
+    answer_key = "full_answer" if args.with_cot else "answer"
     pairs, too_long = [], 0
     for record in records:
         first = passage_id(record["test_id"], 0)
         for passage in collect_passages([record], augment_name):
-            qas = [(qa["question"], str(qa["answer"])) for qa in passage.qas if qa.get("question") and qa.get("answer")]
-            if not qas and passage.id == first and record["answer"]:
+            qas = [(qa["question"], str(qa[answer_key])) for qa in passage.qas
+                   if qa.get("question") and qa.get(answer_key)]
+            if not qas and passage.id == first and record["answer"] and not args.with_cot:
                 qas = [(record["question"], record["answer"][0])]
+            if args.qa_pairs == "first":
+                qas = qas[:1]
             tokens = tokenize_passages(tokenizer, [passage.text], args.max_passage_length)[0]
             for question, answer in qas:
-                text, start = qa_text(tokenizer, question, answer, [passage.text] if args.qa_with_passage else None)
+                text, start = qa_text(tokenizer, question, answer, [passage.text] if args.qa_with_passage else None,
+                                      args.with_cot, fewshot)
                 if len(text) > args.cutoff_len or start >= len(text):
                     too_long += 1
                     continue
@@ -288,7 +318,10 @@ def load_pairs(proj_args: ProjectorArguments, tokenizer: Any) -> tuple[list[Pair
         bank = LoraBank(proj_args.bank_dir)
     except LoraBankError as err:
         raise UserError(f"--bank_dir: {err}") from None
-    pairs, too_long = build_pairs(records, augment_name, tokenizer, proj_args)
+    from .prag_eval import _read_fewshot
+
+    fewshot = _read_fewshot(proj_args.fewshot_file) if proj_args.with_cot else None
+    pairs, too_long = build_pairs(records, augment_name, tokenizer, proj_args, fewshot)
     without_lora = sum(1 for p in pairs if p.passage_id not in bank)
     pairs = [p for p in pairs if p.passage_id in bank]
     if not pairs:
@@ -399,6 +432,7 @@ def run_projector(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    from dyprag.lora import LoraSpec
     from dyprag.translator import ParameterTranslator, TranslatorConfig, distillation_losses, pad_right, \
         passage_hidden, save_translator
 
@@ -436,9 +470,13 @@ def run_projector(argv: list[str] | None = None) -> None:
 
     # 3. the translator (seeded: the same on every rank), the data plan, the DeepSpeed engine
     set_seed(training_args.seed)
+    # The original objective injects the student's LoRA unscaled: its spec then has alpha = r, so
+    # inference (prag_eval, projector_export) injects it as it was trained.
+    spec = bank.spec if proj_args.objective == "answer" else LoraSpec(rank=bank.spec.rank, alpha=bank.spec.rank,
+                                                                       target_modules=bank.spec.target_modules)
     try:
         translator_config = TranslatorConfig.for_model(
-            model, bank.spec, projector_p=proj_args.projector_p, pooling=proj_args.pooling,
+            model, spec, projector_p=proj_args.projector_p, pooling=proj_args.pooling,
             max_passage_length=proj_args.max_passage_length, base_model_name_or_path=model_args.model_name_or_path)
     except ValueError as err:
         raise UserError(f"--bank_dir {proj_args.bank_dir}: {err}") from None
@@ -468,14 +506,16 @@ def run_projector(argv: list[str] | None = None) -> None:
                   else int(training_args.save_steps))
     step, sums, counted, started, samples = start_step, torch.zeros(len(LOSS_KEYS), device=device), 0, time.time(), 0
     skipped = checkpoint[2].get("skipped_batches", 0) if checkpoint else 0  # absent in checkpoints of older runs
+    whole_text = proj_args.objective == "original"  # LM and KL over every token of the text
     progress = tqdm(total=plan.total_steps, initial=start_step, desc="projector", unit="step", disable=rank != 0)
     for epoch, epoch_end, indices in plan.micro_batches(start_step):
         batch = [pairs[i] for i in indices]
         hidden = passage_hidden(model, [p.passage for p in batch], tokenizer.pad_token_id, translator_config.pooling)
         input_ids = pad_right([p.text for p in batch], tokenizer.pad_token_id).to(device)
-        labels = pad_right([[-100] * p.answer_start + p.text[p.answer_start:] for p in batch], -100).to(device)
+        scored = [0 if whole_text else p.answer_start for p in batch]
+        labels = pad_right([[-100] * start + p.text[start:] for p, start in zip(batch, scored)], -100).to(device)
         terms = distillation_losses(model, engine(hidden), teachers(batch, device), bank.spec.scaling, input_ids,
-                                    labels)
+                                    labels, student_scaling=translator_config.spec.scaling, kl_per_text=whole_text)
         loss = terms["lm"] + proj_args.kl_weight * terms["kl"] + proj_args.mse_weight * terms["mse"]
         values = torch.stack([loss.detach(), *(terms[k].detach() for k in ("lm", "kl", "mse", "teacher_lm"))])
         if not finite_on_every_rank(loss, world):  # checked before backward/step: nothing of it is applied

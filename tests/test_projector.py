@@ -135,6 +135,65 @@ def test_loss_terms_equal_a_per_sample_reference(model, tokenizer, records, bank
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_original_objective_equals_the_originals_step_without_padding(model, tokenizer, records, bank_dir):
+    """objective original: the student's B@A unscaled (train_dyprag.py's delta in the MLP), LM the mean over every
+    token of the texts (HF's loss), KL F.kl_div(batchmean) per text summed, the texts averaged; pads never count."""
+    bank = LoraBank(bank_dir)
+    real = bank.load(["0_0", "4_0"])
+    texts = [qa_text(tokenizer, records[i]["question"], records[i]["answer"][0], [records[i]["passages"][0]])[0]
+             for i in (0, 4)]
+    texts[1] = texts[1] + [5, 6, 7]  # different lengths: the first row gets padding
+    input_ids = pad_right(texts, tokenizer.pad_token_id)
+    labels = pad_right(texts, -100)
+    torch.manual_seed(0)
+    translator = ParameterTranslator(TranslatorConfig.for_model(model, SPEC, init_std=1e-2))
+    generated = translator(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
+    terms = distillation_losses(model, generated, real, SPEC.scaling, input_ids, labels, student_scaling=1.0,
+                                kl_per_text=True)
+
+    nll, kl, tokens = 0.0, 0.0, 0
+    for row, text in enumerate(texts):
+        ids = torch.tensor([text])
+        with inject_lora(model, select(real, row), SPEC.scaling):  # the teacher: peft's alpha/r
+            teacher = _logits(model, ids)
+        handles = [model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, d=(b[row] @ a[row]).detach(): out + args[0] @ d.T)
+            for name, (a, b) in generated.items()]
+        try:
+            with torch.no_grad():
+                student = model(input_ids=ids, labels=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        nll += student.loss * (len(text) - 1)  # HF's causal LM loss: the mean over the text's predicted tokens
+        kl += torch.nn.functional.kl_div(student.logits[0, :-1].log_softmax(-1), teacher[0, :-1].softmax(-1),
+                                         reduction="batchmean") * (len(text) - 1)  # batchmean at batch 1: the sum
+        tokens += len(text) - 1
+    torch.testing.assert_close(terms["lm"].detach(), nll / tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["kl"].detach(), kl / len(texts), atol=1e-5, rtol=1e-4)
+    answer_only = distillation_losses(model, generated, real, SPEC.scaling, input_ids, labels)
+    assert terms["kl"] > 10 * answer_only["kl"]  # a sum over each text's tokens, not a mean
+
+
+def test_pairs_meet_their_lora_by_key_in_any_record_order(tokenizer, records, bank_dir):
+    """A passage's teacher is the bank row of its own key "<test_id>_<pid>", whatever order the records come in
+    (the original matches its translator's passages with the encoded LoRAs by position)."""
+    from stages.projector import ProjectorArguments, Teachers, build_pairs
+
+    bank = LoraBank(bank_dir)
+    args = ProjectorArguments(data_file="records.json", bank_dir=str(bank_dir))
+    pairs, _ = build_pairs(list(reversed(records)), None, tokenizer, args)
+    by_id = {str(r["test_id"]): r for r in records}
+    assert [p.passage_id for p in pairs] == [f"{r['test_id']}_0" for r in reversed(records)]
+    teachers = Teachers(bank, pairs, in_memory=True)(pairs, torch.device("cpu"))
+    for row, pair in enumerate(pairs):
+        test_id, pid = pair.passage_id.rsplit("_", 1)
+        assert pair.passage == tokenize_passages(tokenizer, [by_id[test_id]["passages"][int(pid)]], 512)[0]
+        for name, (lora_a, lora_b) in bank.load([pair.passage_id]).items():
+            torch.testing.assert_close(teachers[name][0][row], lora_a[0])
+            torch.testing.assert_close(teachers[name][1][row], lora_b[0])
+
+
 def test_combinations(model):
     generator = torch.Generator().manual_seed(1)
     loras = [{name: (torch.randn(1, 2, 64, generator=generator), torch.randn(1, 192, 2, generator=generator))
@@ -260,6 +319,47 @@ def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, 
     for key in final:
         torch.testing.assert_close(zero3[key], final[key], atol=1e-5, rtol=0)
     assert _sha256(weights) == before  # the frozen base is never written
+
+
+def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
+    """--qa_pairs first --qa_with_passage --with_cot: one chain-of-thought text per passage, with the passage in
+    context and the QA's full_answer; --objective original saves a translator injected unscaled (alpha = r)."""
+    from conftest import SHARED_DATA
+
+    real = SHARED_DATA / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
+    if not real.is_file():
+        pytest.skip(f"real PRAG records {real} are absent")
+    fewshot = tmp_path / "fewshot.json"
+    fewshot.write_text(json.dumps([{"question": "Who wrote Hamlet?",
+                                    "answer": "Hamlet is a play by Shakespeare. So the answer is Shakespeare."}]))
+    bank, out = tmp_path / "bank", tmp_path / "projector"
+    run_stage("encode", "--model_name_or_path", tiny_model, "--input_file", real, "--output_dir", bank,
+              "--max_samples", "2", "--cutoff_len", "256", "--passages_per_batch", "6", "--report_to", "none")
+    result = run_stage("projector", "--model_name_or_path", tiny_model, "--data_file", real, "--max_samples", "2",
+                       "--bank_dir", bank, "--output_dir", out, "--max_steps", "2", "--cutoff_len", "2048",
+                       "--max_passage_length", "256", "--qa_pairs", "first", "--qa_with_passage", "--with_cot",
+                       "--fewshot_file", fewshot, "--objective", "original", "--report_to", "none")
+    passages = sum(len(r["augment"]) for r in json.loads(real.read_text())[:2])
+    assert f"{passages} training pairs (dropped: 0 longer" in result.stderr  # one text per passage
+    config = json.loads((out / "translator_config.json").read_text())
+    assert config["spec"]["alpha"] == config["spec"]["rank"] == 2
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # finite, not NaN
+
+    from transformers import AutoTokenizer
+
+    from stages.projector import ProjectorArguments, build_pairs
+    from stages.prag_eval import _read_fewshot
+
+    record = json.loads(real.read_text())[0]
+    args = ProjectorArguments(data_file=str(real), bank_dir=str(bank), qa_pairs="first", qa_with_passage=True,
+                              with_cot=True, fewshot_file=str(fewshot))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    pairs, _ = build_pairs([record], "llama3.2-1b-instruct", tokenizer, args, _read_fewshot(str(fewshot)))
+    first = record["augment"][0]
+    text = tokenizer.decode(pairs[0].text)
+    assert len(pairs) == len(record["augment"]) and "So the answer is Shakespeare" in text
+    assert first["passage"][:40] in text and text.endswith(first["llama3.2-1b-instruct_qa"][0]["full_answer"])
 
 
 def test_real_records_train_and_answer(tiny_model, tmp_path):
