@@ -178,6 +178,30 @@ def distinct_passages(records: Sequence[dict[str, Any]], passages: Sequence[Sequ
     return list(first), list(first.values())
 
 
+def refill(passages: Sequence[Sequence[str]], top_k: int,
+           augment: Callable[[list[str]], list[Augmentation | None]]) -> tuple[list[list[str]], dict]:
+    """Each record's candidate passages tried in order until `top_k` of them parsed (the original's refill).
+
+    `passages[i]` are record i's candidates, best first. Rounds: every record short of `top_k`
+    parsed passages asks for as many of its next candidates as it lacks; their distinct texts not
+    augmented yet go to `augment` together (texts -> augmentations, None where skipped). Returns
+    each record's candidates up to the last one tried (for `augment_records`, which keeps the
+    parsed ones) and every tried text's augmentation.
+    """
+    results: dict[str, Augmentation | None] = {}
+    tried = [0] * len(passages)
+    while True:
+        before = list(tried)
+        for i, texts in enumerate(passages):
+            kept = sum(results[text] is not None for text in texts[:tried[i]])
+            tried[i] = min(len(texts), tried[i] + top_k - kept)
+        if tried == before:  # every record has top_k parsed passages or no candidate left
+            return [list(texts[:tried[i]]) for i, texts in enumerate(passages)], results
+        asked = list(dict.fromkeys(t for i, texts in enumerate(passages) for t in texts[:tried[i]] if t not in results))
+        if asked:  # (a record's next candidates may all be texts augmented for other records already)
+            results.update(zip(asked, augment(asked)))
+
+
 def augment_records(records: Sequence[dict[str, Any]], passages: Sequence[Sequence[str]],
                     augmentations: Mapping[str, Augmentation | None], model_name: str,
                     passage_ids: Sequence[Sequence[str]] | None = None,

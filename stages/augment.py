@@ -1,7 +1,7 @@
 """augment: PRAG's data step: passages for each question, then a rewrite and QA pairs per passage.
 
     python -m stages.augment --model_name_or_path M --input_file questions.json --output_dir OUT \\
-        [--index_dir IDX | --corpus corpus.jsonl] [--top_k 3] [--num_qa 3] [--max_attempts 5]
+        [--index_dir IDX | --corpus corpus.jsonl] [--top_k 3] [--candidates 13] [--num_qa 3] [--max_attempts 5]
     bash launch/augment.sh ...   # the same on several ranks: each augments its share of the records
 
 Input: PRAG records or plain question files (JSON list / JSON lines with `question`, or a .txt
@@ -9,11 +9,14 @@ with one question per line). Passages come from the records (`passages`) or from
 (`--index_dir` built by stages.retrieve, or `--corpus` indexed on the fly); `--passages_from`
 picks. The LLM (any causal LM; by default, as in the original, the model you will train) writes
 the rewrite and the QA pairs with the original prompts; QA replies are parsed from JSON and
-asked again at most `--max_attempts` times; passages that never parse are skipped.
+asked again at most `--max_attempts` times; passages that never parse are skipped. With
+`--candidates N` (the original: 13) each question's first N passages are tried in order until
+`--top_k` of them parsed, so a skipped passage is replaced by the next one (`dyprag.augment.refill`).
 
 Output: OUT/augmented.json (PRAG records with `<model>_rewrite` / `<model>_qa`, `<model>` =
 the model path's basename, lower-case, or `--augment_model_name`) and OUT/augment_summary.json
-(distinct passages, augmented, skipped and why, QA requests, passages in the records), also logged.
+(distinct passages, augmented, skipped and why, QA requests, passages tried in the records, and
+`refilled`: kept passages that replace a skipped one), also logged.
 A text that several records share is augmented once (on one rank) and its augmentation written
 into each of them.
 """
@@ -46,6 +49,10 @@ class AugmentArguments:
     corpus: str | None = field(default=None, metadata={"help": "Passage corpus (.jsonl / .tsv) indexed in memory "
                                                                "when no --index_dir is given."})
     top_k: int = field(default=3, metadata={"help": "Passages augmented per question."})
+    candidates: int | None = field(
+        default=None, metadata={"help": "Passages tried per question, best first, until --top_k of them parsed (a "
+                                        "failure is replaced by the next candidate; the original: 13 for 3). "
+                                        "Default: --top_k (no replacement)."})
     num_qa: int = field(default=3, metadata={"help": "QA pairs asked for per passage (the original: 3)."})
     max_attempts: int = field(default=5, metadata={"help": "Times a passage's QA prompt is asked before the "
                                                            "passage is skipped (parse failures retry)."})
@@ -67,20 +74,27 @@ class AugmentArguments:
         for name in ("top_k", "num_qa", "max_attempts", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.candidates = self.top_k if self.candidates is None else self.candidates
+        if self.candidates < self.top_k:
+            raise UserError(f"--candidates ({self.candidates}) must be at least --top_k ({self.top_k}): the passages "
+                            f"tried per question include the kept ones.")
+        if self.keep_skipped and self.candidates > self.top_k:
+            raise UserError("--keep_skipped keeps a failed passage in place, --candidates replaces it by the next "
+                            "one; pass one of them.")
 
 
 def candidate_passages(records: list[dict[str, Any]], args: AugmentArguments
                        ) -> tuple[list[list[str]], list[list[str]] | None]:
-    """The passages to augment per record (its own, or BM25's top-k) and their corpus ids if known."""
+    """The candidate passages per record (its own, or BM25's, the first --candidates) and their corpus ids if known."""
     use_records = args.passages_from == "records" or (
         args.passages_from == "auto" and all(r.get("passages") for r in records))
     if use_records:
         if not all(r.get("passages") for r in records):
             raise UserError("--passages_from records: some records have no 'passages'; retrieve them "
                             "(--index_dir / --corpus with --passages_from retrieval).")
-        texts = [list(r["passages"][: args.top_k]) for r in records]
+        texts = [list(r["passages"][: args.candidates]) for r in records]
         aligned = all(len(r.get("passage_ids") or []) == len(r["passages"]) for r in records)
-        return texts, [list(r["passage_ids"][: args.top_k]) for r in records] if aligned else None
+        return texts, [list(r["passage_ids"][: args.candidates]) for r in records] if aligned else None
     if not args.index_dir and not args.corpus:
         raise UserError("the records carry no passages: give --index_dir (python -m stages.retrieve) or --corpus to "
                         "retrieve them.")
@@ -90,14 +104,15 @@ def candidate_passages(records: list[dict[str, Any]], args: AugmentArguments
         index = BM25Index.load(args.index_dir) if args.index_dir else BM25Index.from_corpus_file(args.corpus)
     except CorpusError as err:
         raise UserError(str(err)) from None
-    hits = index.search([r["question"] for r in records], args.top_k, show_progress=True)
+    hits = index.search([r["question"] for r in records], args.candidates, show_progress=True)
     return [[h.text for h in row] for row in hits], [[h.id for h in row] for row in hits]
 
 
 def run_augment(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments, set_seed
 
-    from dyprag.augment import AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages
+    from dyprag.augment import (AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages,
+                                refill)
     from dyprag.records import RecordError, augment_model_name, load_records, save_records
 
     from .common import resolved_config, save_config
@@ -142,29 +157,37 @@ def run_augment(argv: list[str] | None = None) -> None:
                            show_progress=rank == 0, max_new_tokens=aug_args.max_new_tokens, **sampling)
     name = aug_args.augment_model_name or augment_model_name(model_args.model_name_or_path)
 
-    # 4. augment this rank's share of the distinct passages, gather them, build the records in order
-    texts, first_ids = distinct_passages(records, passages)
-    share = rank_share(list(range(len(texts))), rank, world)
-    results, stats = augment_passages([texts[i] for i in share], generate, aug_args.num_qa, aug_args.max_attempts,
-                                      [first_ids[i] for i in share])
-    results = gather_shares(results, world)
+    # 4. augment the distinct passages, each rank its share, in rounds until every question has --top_k
+    #    parsed passages or no candidate left; build the records in order
+    first_id = dict(zip(*distinct_passages(records, passages)))
     total = AugmentStats()
-    for part in gather_shares([stats], world):
-        total.merge(part)
+
+    def augment_shared(texts: list[str]) -> list:
+        share = rank_share(list(range(len(texts))), rank, world)
+        results, stats = augment_passages([texts[i] for i in share], generate, aug_args.num_qa,
+                                          aug_args.max_attempts, [first_id[texts[i]] for i in share])
+        for part in gather_shares([stats], world):
+            total.merge(part)
+        return gather_shares(results, world)
+
+    tried, results = refill(passages, aug_args.top_k, augment_shared)
     if rank != 0:
         return
-    augmented = augment_records(records, passages, dict(zip(texts, results)), name, passage_ids,
+    augmented = augment_records(records, tried, results, name,
+                                [ids[:len(t)] for ids, t in zip(passage_ids, tried)] if passage_ids else None,
                                 keep_skipped=aug_args.keep_skipped)
+    refilled = sum(results[text] is not None for texts in tried for text in texts[aug_args.top_k:])
 
     # 5. write the records and the summary; report the skips
     save_records(out / OUTPUT_FILE, augmented)
     summary = {"augment_model_name": name, "records": len(augmented),
-               "passages_in_records": sum(map(len, passages)), **total.to_dict()}
+               "passages_in_records": sum(map(len, tried)), "refilled": refilled,
+               **total.to_dict()}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("augmented %d of %d distinct passages (%d in the records); skipped %d (QA never parsed: %d, empty "
-                "rewrite: %d) after %d QA requests; wrote %s", total.augmented, total.passages,
-                summary["passages_in_records"], total.skipped, total.skipped_qa, total.skipped_rewrite,
-                total.qa_requests, Path(out / OUTPUT_FILE))
+    logger.info("augmented %d of %d distinct passages (%d tried in the records; %d kept in place of a skipped "
+                "one); skipped %d (QA never parsed: %d, empty rewrite: %d) after %d QA requests; wrote %s",
+                total.augmented, total.passages, summary["passages_in_records"], refilled, total.skipped,
+                total.skipped_qa, total.skipped_rewrite, total.qa_requests, Path(out / OUTPUT_FILE))
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped_ids"}), flush=True)
 
 

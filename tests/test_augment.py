@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import run_stage
 
-from dyprag.augment import HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt
+from dyprag.augment import (HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt,
+                            refill)
 from dyprag.prompts import QA_PROMPT, REWRITE_PROMPT
 
 GOOD = ('[{"question": "Q1?", "answer": "A1", "full_answer": "F1."}, '
@@ -125,6 +126,38 @@ def test_augment_records_writes_the_prag_format():
     assert [a["pid"] for a in kept[0]["augment"]] == [0, 2]
 
 
+def test_refill_tries_the_next_candidates_until_top_k_parsed():
+    """The original's refill: a skipped passage is replaced by the record's next candidate, in order; texts shared
+    by records are augmented once; a record whose candidates run out keeps what parsed."""
+    llm = FakeLLM({"p0": [GOOD], "bad": ["no"], "p2": [GOOD], "p3": [GOOD], "bad2": ["no"], "p4": [GOOD],
+                   "p5": [GOOD]})
+    asked = []
+
+    def augment(texts):
+        asked.append(texts)
+        return augment_passages(texts, llm, max_attempts=1)[0]
+
+    records = [{"test_id": 1}, {"test_id": 2}, {"test_id": 3}]
+    passages = [["p0", "bad", "p2", "p3"], ["bad", "p2", "bad2", "p4", "p5"], ["bad2", "bad"]]
+    tried, results = refill(passages, 2, augment)
+    assert tried == [["p0", "bad", "p2"], ["bad", "p2", "bad2", "p4"], ["bad2", "bad"]]
+    assert asked == [["p0", "bad", "p2", "bad2"], ["p4"]]  # rounds; "bad" and "p2" asked once for both records
+    out = augment_records(records, tried, results, "m")
+    assert [r["passages"] for r in out] == [["p0", "p2"], ["p2", "p4"], []]
+    assert [[a["pid"] for a in r["augment"]] for r in out] == [[0, 1], [0, 1], []]  # bank keys by position
+    assert refill(passages, 2, lambda texts: [None] * len(texts))[0] == passages  # nothing parses: all tried
+
+
+def test_candidates_flag_checks():
+    from stages.augment import AugmentArguments
+    from stages.errors import UserError
+
+    assert AugmentArguments(input_file="q.txt", top_k=3).candidates == 3  # default: no replacement
+    for kwargs in ({"candidates": 2}, {"candidates": 13, "keep_skipped": True}):
+        with pytest.raises(UserError, match="--candidates"):
+            AugmentArguments(input_file="q.txt", top_k=3, **kwargs)
+
+
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,3 +184,17 @@ def test_stage_with_tiny_model_skips_and_reports(tiny_model, demo_data, tmp_path
     assert '"skipped": 3' in result.stdout and "skipped 3" in result.stderr
     records = json.loads((out / "augmented.json").read_text())
     assert len(records) == 3 and all(r["augment"] == [] and r["passages"] == [] for r in records)
+
+
+def test_stage_tries_every_candidate_when_nothing_parses(tiny_model, demo_data, tmp_path):
+    """--candidates 3 --top_k 2: the random model's replies never parse, so each question's third passage is tried
+    too (in a second round); the summary counts the distinct texts and no replacement kept."""
+    out = tmp_path / "aug"
+    result = run_stage("augment", "--model_name_or_path", tiny_model, "--input_file", demo_data / "demo_qa.json",
+                       "--output_dir", out, "--max_samples", "3", "--top_k", "2", "--candidates", "3",
+                       "--max_attempts", "1", "--max_new_tokens", "8", "--report_to", "none")
+    records = json.loads((demo_data / "demo_qa.json").read_text())[:3]
+    summary = json.loads((out / "augment_summary.json").read_text())
+    assert summary["passages_in_records"] == 9 and summary["refilled"] == 0
+    assert summary["passages"] == summary["skipped_qa"] == len({p for r in records for p in r["passages"][:3]})
+    assert "0 kept in place of a skipped one" in result.stderr
