@@ -171,7 +171,8 @@ def answer_questions(model: Any, tokenizer: Any, records: Sequence[dict[str, Any
     """Answer every record with `method`; one prediction dict per record, scored.
 
     Each prediction: test_id, question, answer (gold aliases), method, generation (raw text),
-    prediction (the extracted answer), em, f1, precision, recall.
+    prediction (the extracted answer), em, f1, precision, recall, and the record's sub-type
+    (`type`) where it has one.
     """
     if method.lora is not None and lora is None:
         raise ValueError(f"method {method.name} needs the {method.lora!r} LoRA provider")
@@ -194,7 +195,8 @@ def answer_questions(model: Any, tokenizer: Any, records: Sequence[dict[str, Any
         score = evaluate(text, record["answer"], with_cot)
         predictions.append({"test_id": record["test_id"], "question": record["question"], "answer": record["answer"],
                             "method": method.name, "generation": text, "prediction": score.prediction,
-                            "em": score.em, "f1": score.f1, "precision": score.precision, "recall": score.recall})
+                            "em": score.em, "f1": score.f1, "precision": score.precision, "recall": score.recall,
+                            **({"type": record["type"]} if record.get("type") is not None else {})})
     return predictions
 
 
@@ -206,6 +208,24 @@ def results_table(predictions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
     return [{"method": name, "questions": len(preds),
              **{key: sum(p[key] for p in preds) / len(preds) for key in SCORE_KEYS}}
             for name, preds in by_method.items()]
+
+
+def results_by_type(predictions: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`results_table` of each sub-type of the records (their `type`, first seen first); {} without sub-types."""
+    kinds = list(dict.fromkeys(p["type"] for p in predictions if p.get("type") not in (None, "total")))
+    return {kind: results_table(p for p in predictions if p.get("type") == kind) for kind in kinds}
+
+
+def types_markdown(by_type: dict[str, list[dict[str, Any]]], rows: Sequence[dict[str, Any]]) -> str:
+    """EM / F1 (%) per method and sub-type, with every question in the last column."""
+    counts = {kind: kind_rows[0]["questions"] for kind, kind_rows in by_type.items()}
+    head = [f"{kind} ({n})" for kind, n in counts.items()] + [f"all ({rows[0]['questions']})"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for row in rows:
+        cells = [next((r for r in by_type[kind] if r["method"] == row["method"]), None) for kind in by_type] + [row]
+        lines.append(f"| {row['method']} | " + " | ".join(
+            "-" if cell is None else f"{100 * cell['em']:.2f} / {100 * cell['f1']:.2f}" for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def results_markdown(rows: Sequence[dict[str, Any]]) -> str:

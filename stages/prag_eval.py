@@ -10,10 +10,10 @@ For every question the LoRAs of its top-k passages (bank keys "<test_id>_<pid>",
 model; with `--projector_dir` the trained parameter translator turns the same passages into
 LoRAs at question time instead (averaged, `--dyprag_combination`). Answers are greedy, batched
 (`--per_device_eval_batch_size`), with the original prompts (direct: "... The answer is", or
-chain-of-thought with few-shot examples). Writes
-OUT/results.json (the table + run config), OUT/results.md, OUT/predictions.jsonl (one line
-per question and method), and logs the table to W&B (`--report_to wandb`, offline without an
-account).
+chain-of-thought with few-shot examples). Writes OUT/results.json (the table, a table per
+sub-type too where the records carry `type` as stages.benchmark writes them, and the run config),
+OUT/results.md, OUT/predictions.jsonl (one line per question and method), and logs the table to
+W&B (`--report_to wandb`, offline without an account).
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def log_table_to_wandb(rows: list[dict[str, Any]]) -> None:
 def run_prag_eval(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments
 
-    from dyprag.inference import METHODS, BankLoras, answer_questions, results_markdown, results_table
+    from dyprag.inference import (METHODS, BankLoras, answer_questions, results_by_type, results_markdown,
+                                  results_table, types_markdown)
     from dyprag.records import RecordError, load_records
 
     from .callbacks import init_wandb
@@ -261,9 +262,12 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
         return
 
     # 5. results: JSON + markdown + predictions, printed, and to W&B
-    rows = results_table(predictions)
-    (out / "results.json").write_text(json.dumps({"results": rows, "config": config}, indent=2), encoding="utf-8")
+    rows, by_type = results_table(predictions), results_by_type(predictions)
+    (out / "results.json").write_text(json.dumps({"results": rows, **({"by_type": by_type} if by_type else {}),
+                                                  "config": config}, indent=2), encoding="utf-8")
     table = results_markdown(rows)
+    if by_type:  # records with sub-types (stages.benchmark): EM / F1 of each beside the whole set's
+        table += "\nEM / F1 per sub-type:\n\n" + types_markdown(by_type, rows)
     (out / "results.md").write_text(f"# PRAG evaluation: {os.path.basename(eval_args.data_file)}\n\n{table}",
                                     encoding="utf-8")
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as file:
