@@ -144,3 +144,13 @@ def test_prag_eval_reports_each_sub_type(tiny_model, tmp_path):
     assert results["results"][0]["questions"] == 7
     assert "| method | comparison (3) | bridge (4) | all (7) |" in (tmp_path / "eval" / "results.md").read_text()
     assert "all (7)" in result.stdout
+
+
+@pytest.mark.parametrize("dataset", ["2wikimultihopqa", "hotpotqa"])
+def test_the_originals_fewshot_files_read_as_the_cot_prompt_block(dataset):
+    from stages.prag_eval import _read_fewshot
+
+    block = _read_fewshot(str(Path(__file__).parents[1] / "examples" / "fewshot" / f"{dataset}.json"))
+    examples = block.strip().split("\n\n")
+    assert len(examples) >= 8 and all(e.startswith("Question: ") and "\nAnswer: " in e for e in examples)
+    assert all("So the answer is" in e for e in examples)
