@@ -33,9 +33,14 @@ from .records import RecordError
 TOTAL = "total"
 
 
-def _read_json(path: Path) -> Any:
+def _require(path: Path) -> Path:
     if not path.is_file():
         raise RecordError(f"{path} does not exist; the folder must hold the benchmark's published {path.name}.")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    _require(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -59,15 +64,13 @@ def _aliases(*groups: Any) -> list[str]:
 
 
 def load_2wikimultihopqa(folder: Path) -> list[dict[str, Any]]:
-    rows, alias_file = _read_json(folder / "dev.json"), folder / "id_aliases.json"
-    if not alias_file.is_file():
-        raise RecordError(f"{alias_file} does not exist; 2WikiMultihopQA's answers need its id_aliases.json.")
+    path = folder / "dev.json"
+    rows = _read_json(path)
     aliases = {}
-    for line in alias_file.read_text(encoding="utf-8").splitlines():
+    for line in _require(folder / "id_aliases.json").read_text(encoding="utf-8").splitlines():
         if line.strip():
             entry = json.loads(line)
             aliases[entry["Q_id"]] = entry.get("aliases") or []
-    path = folder / "dev.json"
     return [{"test_id": i, "qid": _field(row, "_id", i, path), "question": _field(row, "question", i, path),
              "answer": _aliases(_field(row, "answer", i, path), aliases.get(row.get("answer_id"), [])),
              "type": _field(row, "type", i, path)} for i, row in enumerate(rows)]
@@ -81,9 +84,7 @@ def load_hotpotqa(folder: Path) -> list[dict[str, Any]]:
 
 
 def load_popqa(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "popQA.tsv"
-    if not path.is_file():
-        raise RecordError(f"{path} does not exist; the folder must hold the benchmark's published popQA.tsv.")
+    path = _require(folder / "popQA.tsv")
     with open(path, encoding="utf-8", newline="") as file:
         rows = list(csv.DictReader(file, delimiter="\t"))
     records = []

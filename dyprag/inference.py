@@ -212,7 +212,9 @@ def results_table(predictions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def results_by_type(predictions: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """`results_table` of each sub-type of the records (their `type`, first seen first); {} without sub-types."""
-    kinds = list(dict.fromkeys(p["type"] for p in predictions if p.get("type") not in (None, "total")))
+    from .benchmarks import TOTAL
+
+    kinds = list(dict.fromkeys(p["type"] for p in predictions if p.get("type") not in (None, TOTAL)))
     return {kind: results_table(p for p in predictions if p.get("type") == kind) for kind in kinds}
 
 

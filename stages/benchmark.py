@@ -40,8 +40,8 @@ class BenchmarkArguments:
                                                          "original: 300)."})
     skip: int = field(default=0, metadata={"help": "Questions left out at the start of each sub-type and of the "
                                                    "total (the original's translator data: 300)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace record files already in "
-                                                                        "output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an output_dir that already "
+                                                                        "holds files."})
 
     def __post_init__(self) -> None:
         for name in ("dataset", "data_dir", "output_dir"):
@@ -57,24 +57,22 @@ def run_benchmark(argv: list[str] | None = None) -> None:
     from dyprag.records import RecordError, save_records
 
     from .hparams import parse_args
+    from .prag_eval import check_output_dir
 
     (args,) = parse_args([BenchmarkArguments], argv, STAGE)
-    folder, out = Path(args.data_dir), Path(args.output_dir)
+    folder = Path(args.data_dir)
     if not folder.is_dir():
         raise UserError(f"--data_dir {folder} is not a folder; point it at the folder of the {args.dataset} files.")
-    if out.is_dir() and any(out.glob("*.json")) and not args.overwrite_output_dir:
-        raise UserError(f"--output_dir {out} already holds record files; pick a new folder or add "
-                        f"--overwrite_output_dir.")
+    out = check_output_dir(args.output_dir, args.overwrite_output_dir)
     try:
         records = LOADERS[args.dataset](folder)
     except RecordError as err:
         raise UserError(f"--data_dir: {err}") from None
-    groups = split_by_type(records, args.skip + args.per_type)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for kind, rows in groups.items():
-        save_records(out / f"{kind}.json", rows[args.skip:])
-        counts[kind] = len(rows[args.skip:])
+    for kind, rows in split_by_type(records, args.skip + args.per_type).items():
+        kept = rows[args.skip:]
+        save_records(out / f"{kind}.json", kept)
+        counts[kind] = len(kept)
     (out / "benchmark_summary.json").write_text(json.dumps({"dataset": args.dataset, "questions": len(records),
                                                             "files": counts}, indent=2) + "\n", encoding="utf-8")
     logger.info("%s: %d questions; wrote %s into %s", args.dataset, len(records),
