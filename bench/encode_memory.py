@@ -3,14 +3,14 @@
     python bench/encode_memory.py [--passages 32] [--repeats 3] [--threads 2] [--json out.json]
 
 Both sides train the same real passages' LoRAs (../shared/data/prag_augmented: passage, rewrite,
-QA pairs; the PRAG texts of dyprag.encode) on SmolLM2-135M-Instruct (`stages.pretrained`, fp32,
+QA pairs; the PRAG texts of dyprag.passage_training) on SmolLM2-135M-Instruct (`stages.core.pretrained`, fp32,
 30 layers, vocabulary 49152) from one seeded init, `--passages_per_batch` passages per batch, as
 the stage does at its CPU defaults:
 - before: the loss from the model's own logits (every position's [tokens, vocabulary] fp32
-  logits, their log-softmax and its gradient held at once; `dyprag.encode.loss_head` patched to
+  logits, their log-softmax and its gradient held at once; `dyprag.passage_training.loss_head` patched to
   None, which is the path a model with post-processed logits takes) and 4096 padded tokens per
   forward, the largest forward the full logits fit in at this speed.
-- after: dyprag.encode as it is: the labelled positions' hidden states through the LM head and
+- after: dyprag.passage_training as it is: the labelled positions' hidden states through the LM head and
   the cross-entropy a chunk at a time (`linear_cross_entropy`) and the CPU default tokens per forward.
 Each run is a fresh process (its own `ru_maxrss`: model loading included, which peaks far below
 the training); the sides alternate, `--repeats` times, and the table gives medians with ranges.
@@ -42,10 +42,10 @@ def run_side(args: argparse.Namespace) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import dyprag.encode as encode
+    import dyprag.passage_training as passage_training
     from dyprag.lora import LoraSpec
     from dyprag.records import detect_augment_model
-    from stages.pretrained import smollm2_folder
+    from stages.core.pretrained import smollm2_folder
 
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(smollm2_folder())
@@ -53,19 +53,19 @@ def run_side(args: argparse.Namespace) -> dict:
     records = json.loads(REAL_RECORDS.read_text())
     name = detect_augment_model(records)
     entries = [(a["passage"], a[f"{name}_rewrite"], a[f"{name}_qa"]) for r in records for a in r["augment"]]
-    texts = [encode.passage_texts(tokenizer, *entry) for entry in entries[:args.passages]]
+    texts = [passage_training.passage_texts(tokenizer, *entry) for entry in entries[:args.passages]]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     spec = LoraSpec()
-    init = encode.init_lora(model, spec, seed=42)
+    init = passage_training.init_lora(model, spec, seed=42)
     if args.side == "before":
-        encode.loss_head = lambda model: None
-    config = encode.EncodeConfig(max_batch_tokens=BEFORE_MAX_BATCH_TOKENS if args.side == "before"
-                                 else args.max_batch_tokens or encode.default_max_batch_tokens("cpu"))
+        passage_training.loss_head = lambda model: None
+    config = passage_training.EncodeConfig(max_batch_tokens=BEFORE_MAX_BATCH_TOKENS if args.side == "before"
+                                 else args.max_batch_tokens or passage_training.default_max_batch_tokens("cpu"))
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights = {}
     start = time.perf_counter()
-    for batch in encode.plan_batches([sum(map(len, t)) for t in texts], args.passages_per_batch):
-        result = encode.encode_batch(model, spec, init, [texts[i] for i in batch], config, tokenizer.pad_token_id)
+    for batch in passage_training.plan_batches([sum(map(len, t)) for t in texts], args.passages_per_batch):
+        result = passage_training.encode_batch(model, spec, init, [texts[i] for i in batch], config, tokenizer.pad_token_id)
         for row, i in enumerate(batch):
             weights.update({f"{i}.{module}.{part}": result.weights[module][part][row].contiguous()
                             for module in result.weights for part in (0, 1)})
@@ -92,11 +92,11 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=32, help="real passages encoded by each run")
     parser.add_argument("--passages_per_batch", type=int, default=32, help="the stage's default")
     parser.add_argument("--max_batch_tokens", type=int, default=None,
-                        help="after: padded tokens per forward (default: dyprag.encode's CPU default)")
+                        help="after: padded tokens per forward (default: dyprag.passage_training's CPU default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: before, after")
-    parser.add_argument("--model", default=None, help="HF folder (default: stages.pretrained's SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help="HF folder (default: stages.core.pretrained's SmolLM2-135M)")
     parser.add_argument("--work_dir", default="/tmp/encode_memory", help="the runs' LoRA weights")
     parser.add_argument("--json", default=None, help="also write every run's figures here")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child run

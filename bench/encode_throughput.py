@@ -3,9 +3,9 @@
     python bench/encode_throughput.py [--work_dir /tmp/encode_bench] [--preset bench] [--passages 32] ...
 
 Encoding. Every side trains the same passages' LoRAs (r=2, alpha=32 on gate/up/down of every
-layer) from the same saved initialisation with the same recipe (dyprag.encode: the PRAG texts
+layer) from the same saved initialisation with the same recipe (dyprag.passage_training: the PRAG texts
 of each passage, AdamW lr 3e-4, one text per step, one epoch) on the same model (`python -m
-stages.embedded --preset bench`, ~20M parameters, built once into --work_dir). Texts: the real
+stages.world.build --preset bench`, ~20M parameters, built once into --work_dir). Texts: the real
 PRAG records in ../shared/data/prag_augmented when present (their passages, rewrites and QA),
 else (or with --source demo) the embedded demo_qa gold passages with their questions as QA
 pairs and the sentences in reverse order as the rewrite.
@@ -14,7 +14,7 @@ pairs and the sentences in reverse order as the rewrite.
   `save_pretrained`, `unload`. Slow, so timed on the first `--original_passages` passages.
 - peft fp32 / peft bf16: the same loop without the padding (each text at its own length),
   the base in fp32 or bf16: the strongest sequential baseline. Timed on all passages.
-- batched fp32 / batched bf16: dyprag.encode.encode_batch, `--passages_per_batch` passages
+- batched fp32 / batched bf16: dyprag.passage_training.encode_batch, `--passages_per_batch` passages
   per batched forward/backward, written to a LoRA bank (the write is timed too).
 Warm-up, untimed: the batched sides run the whole set once on a GPU (each batch shape selects
 its kernels once) and four passages on a CPU (no per-shape kernel choice there: code paths and
@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
 
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
-from dyprag.encode import (  # noqa: E402
+from dyprag.passage_training import (  # noqa: E402
     EncodeConfig, default_max_batch_tokens, encode_batch, init_lora, passage_texts, plan_batches)
 from dyprag.lora import LoraSpec, module_shapes, save_peft_adapter, target_module_names  # noqa: E402
 from bench.sft_throughput import linear_params, matmul_peak  # noqa: E402
@@ -69,7 +69,7 @@ SPEC = LoraSpec()
 
 
 def build_model(work_dir: Path, preset: str) -> Path:
-    subprocess.run([sys.executable, "-m", "stages.embedded", "--output_dir", str(work_dir), "--preset", preset],
+    subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(work_dir), "--preset", preset],
                    check=True, cwd=ROOT, capture_output=True)
     return work_dir
 
@@ -260,7 +260,7 @@ def bench_loading(args, model_dir: Path, work: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default="/tmp/encode_bench", help="model build and scratch folder")
-    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.embedded preset")
+    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.world.build preset")
     parser.add_argument("--passages", type=int, default=32, help="passages encoded by each side")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="texts: the real PRAG records (auto: when present) or the embedded demo_qa; the bench "

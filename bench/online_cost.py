@@ -5,18 +5,18 @@
 Every method answers the same questions one at a time (batch 1, as a question arrives), greedy, exactly
 --new_tokens new tokens each (`min_new_tokens` = `max_new_tokens` on the model's generation config, so
 an early end-of-sequence cannot make one method look cheaper), with the top --top_k passages of each
-question, on the same ~20M-parameter model (`python -m stages.embedded --preset bench`), through our
+question, on the same ~20M-parameter model (`python -m stages.world.build --preset bench`), through our
 real code paths: `dyprag.inference.answer_questions` with the `stages.prag_eval` providers.
 
 - RAG: the passages in the prompt, no LoRA (method `rag`).
-- DyPRAG: the translator reads the passages and writes their LoRAs (`TranslatorLoras`: one batched
-  forward of the frozen model over the k passages, the translator, `combine_loras` "factors"), which
+- DyPRAG: the projector reads the passages and writes their LoRAs (`ProjectorLoras`: one batched
+  forward of the frozen model over the k passages, the projector, `combine_loras` "factors"), which
   are injected (`inject_lora`) while the model answers the question alone (method `dyprag`). The
-  translator is freshly initialised (seeded) and loaded the way prag_eval loads a trained one
-  (`save_translator`, then `stages.prag_eval._translator_loras`): its cost depends on its shapes, not
+  projector is freshly initialised (seeded) and loaded the way prag_eval loads a trained one
+  (`save_projector`, then `stages.prag_eval._projector_loras`): its cost depends on its shapes, not
   on its weights, and the answer length is fixed.
 - PRAG at question time: the k passages' LoRAs trained now with our batched encoder
-  (`dyprag.encode.passage_texts` + `encode_batch`, the PRAG recipe: AdamW lr 3e-4, one text per step,
+  (`dyprag.passage_training.passage_texts` + `encode_batch`, the PRAG recipe: AdamW lr 3e-4, one text per step,
   one epoch, k passages per batched step), written to a bank (`LoraBankWriter`), read back by
   prag_eval's `BankLoras` (summed) and injected while the model answers the question alone (method
   `prag`). The augmentation (rewrite + QA pairs per passage) is taken as already available: an LLM
@@ -56,19 +56,19 @@ sys.path.insert(0, str(ROOT))
 from encode_throughput import REAL_RECORDS, build_model, native_cpu_bf16  # noqa: E402
 
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
-from dyprag.encode import EncodeConfig, encode_batch, init_lora, passage_texts  # noqa: E402
+from dyprag.passage_training import EncodeConfig, encode_batch, init_lora, passage_texts  # noqa: E402
 from dyprag.inference import METHODS, BankLoras, answer_questions  # noqa: E402
 from dyprag.lora import LoraSpec  # noqa: E402
 from dyprag.prompts import get_prompt  # noqa: E402
 from dyprag.records import detect_augment_model  # noqa: E402
-from dyprag.translator import ParameterTranslator, TranslatorConfig, save_translator  # noqa: E402
+from dyprag.projector_model import Projector, ProjectorConfig, save_projector  # noqa: E402
 from stages.encode import collect_passages  # noqa: E402
-from stages.hparams import FinetuningArguments, ModelArguments  # noqa: E402
-from stages.loader import get_compute_dtype, load_model, load_tokenizer, local_device  # noqa: E402
-from stages.prag_eval import PragEvalArguments, _translator_loras  # noqa: E402
+from stages.core.arguments import FinetuningArguments, ModelArguments  # noqa: E402
+from stages.core.loader import get_compute_dtype, load_model, load_tokenizer, local_device  # noqa: E402
+from stages.prag_eval import PragEvalArguments, _projector_loras  # noqa: E402
 
 SPEC = LoraSpec()
-SIDES = {"rag": "RAG (passages in context)", "dyprag": "DyPRAG (translator + inject, question only)",
+SIDES = {"rag": "RAG (passages in context)", "dyprag": "DyPRAG (projector + inject, question only)",
          "prag": "PRAG at question time (encode + inject)", "vanilla": "vanilla (question only; reference)"}
 
 
@@ -123,7 +123,7 @@ class Context:
     args: argparse.Namespace
     model_dir: Path
     augment_name: str
-    dyprag: Any  # TranslatorLoras
+    dyprag: Any  # ProjectorLoras
     init: Any  # the shared initial LoRA of PRAG encoding (stages.encode writes it once per bank)
     dtype: torch.dtype
     device: torch.device
@@ -171,12 +171,12 @@ def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str,
     # Exactly --new_tokens per answer for every method (answer_questions passes max_new_tokens only).
     model.generation_config.min_new_tokens = args.new_tokens
     torch.manual_seed(args.seed)
-    translator = ParameterTranslator(TranslatorConfig.for_model(model, SPEC, base_model_name_or_path=str(model_dir)))
-    save_translator(translator, args.work_dir / "translator")
-    eval_args = PragEvalArguments(data_file=str(records_file), projector_dir=str(args.work_dir / "translator"),
+    projector = Projector(ProjectorConfig.for_model(model, SPEC, base_model_name_or_path=str(model_dir)))
+    save_projector(projector, args.work_dir / "projector")
+    eval_args = PragEvalArguments(data_file=str(records_file), projector_dir=str(args.work_dir / "projector"),
                                   top_k=args.top_k)
     context = Context(model, tokenizer, args, model_dir, detect_augment_model(records),
-                      _translator_loras(eval_args, model, tokenizer), init_lora(model, SPEC, seed=args.seed), dtype,
+                      _projector_loras(eval_args, model, tokenizer), init_lora(model, SPEC, seed=args.seed), dtype,
                       device, EncodeConfig(max_batch_tokens=args.max_batch_tokens))
     return context, records, source
 
@@ -184,7 +184,7 @@ def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/online_bench"),
-                        help="bench model (built on first use), the translator, scratch banks")
+                        help="bench model (built on first use), the projector, scratch banks")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="questions from the real PRAG records (auto: when present) or the embedded demo_qa")
     parser.add_argument("--questions", type=int, default=16, help="questions answered per method and repeat")
@@ -250,7 +250,7 @@ def main() -> None:
            if "prag" in median else ""))
     added = median["dyprag"] - median["rag"]
     print(f"DyPRAG's added cost over RAG: {added:+.4f} s/question = {100 * added / median['rag']:+.1f}% of one RAG "
-          f"answer ({median['rag']:.4f} s, {args.new_tokens} tokens); its translator alone: {lora['dyprag']:.4f} s "
+          f"answer ({median['rag']:.4f} s, {args.new_tokens} tokens); its projector alone: {lora['dyprag']:.4f} s "
           f"= {100 * lora['dyprag'] / median['rag']:.1f}%")
     print(f"(total {time.perf_counter() - started:.0f} s)")
 

@@ -3,7 +3,7 @@
     python bench/ppo_memory.py [--work_dir /tmp/ppo_bench] [--batch_size 8] [--response_length 32] ...
 
 Both sides run one PPO update (generate, score, `--ppo_epochs` optimisation passes) on the same
-~20M-parameter model (`python -m stages.embedded --preset bench`), the same prompts (the first
+~20M-parameter model (`python -m stages.world.build --preset bench`), the same prompts (the first
 rows of the embedded demo_sft, tokenized by the project's template), the same reward model (an
 rm output with full tuning, one step of `python -m stages.rm`, so plain transformers loads it),
 fp32, AdamW, one rank, the same torch thread count, gradient checkpointing on for the trained
@@ -82,9 +82,9 @@ def rss_after_imports() -> int:
     import transformers  # noqa: F401
     import trl.experimental.ppo  # noqa: F401
 
-    import stages.data  # noqa: F401
+    import stages.core.data  # noqa: F401
     import stages.ppo  # noqa: F401
-    import stages.ppo_trainer  # noqa: F401
+    import stages.core.ppo_trainer  # noqa: F401
 
     return psutil.Process().memory_info().rss
 
@@ -119,7 +119,7 @@ def common_args(args, out: Path) -> list[str]:
 
 def side_ours(args) -> dict[str, float]:
     after_imports = rss_after_imports()
-    from stages import ppo_trainer
+    from stages.core import ppo_trainer
     from stages.ppo import run_ppo
 
     wrapped, result = measured_train(ppo_trainer.PolicyTrainer.train)
@@ -139,10 +139,10 @@ def side_trl(args) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from stages.data import get_dataset
-    from stages.data.processors import prompt_only
-    from stages.data.template import get_template
-    from stages.hparams import DataArguments, parse_args
+    from stages.core.data import get_dataset
+    from stages.core.data.processors import prompt_only
+    from stages.core.data.template import get_template
+    from stages.core.arguments import DataArguments, parse_args
 
     work = Path(args.work_dir)
     model_path, rm_path = work / "embedded" / "model", work / "rm"
@@ -181,7 +181,7 @@ def prepare(args) -> None:
     work = Path(args.work_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if not (work / "embedded" / "model" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.embedded", "--output_dir", str(work / "embedded"),
+        subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(work / "embedded"),
                         "--preset", "bench"], check=True, cwd=ROOT, env=env)
     if not (work / "rm" / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "stages.rm", "--model_name_or_path", str(work / "embedded" / "model"),

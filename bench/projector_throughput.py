@@ -2,8 +2,8 @@
 
     python bench/projector_throughput.py [--work_dir /tmp/projector_bench] [--source auto|real|demo] ...
 
-Both sides train the same parameter translator (`dyprag.translator.ParameterTranslator`, p=32, fresh from
-the same seed each run) for the same ~20M-parameter model (`python -m stages.embedded --preset bench`) on
+Both sides train the same parameter projector (`dyprag.projector_model.Projector`, p=32, fresh from
+the same seed each run) for the same ~20M-parameter model (`python -m stages.world.build --preset bench`) on
 the same training pairs (passage, its PRAG LoRA, a QA text about it), with the same loss (LM + 0.01 KL +
 100 MSE) and optimizer (torch AdamW, lr 1e-5). Set-up, untimed and cached in --work_dir: the records
 (the real PRAG records in ../shared/data/prag_augmented when present, else or with --source demo the
@@ -17,21 +17,21 @@ context, the original's training text, unless --qa_with_passage false).
   padded to 3000 tokens with labels on all its real tokens, fp32. Per step: the passage through the
   whole model (LM head included, `output_hidden_states`), the passage's adapter read from disk twice
   (`safetensors.load_file` for the MSE target, `load_adapter` into the peft model for the teacher), the
-  teacher forward, the LoRA weights zeroed, the translator, delta = B @ A set as a `delta` attribute
+  teacher forward, the LoRA weights zeroed, the projector, delta = B @ A set as a `delta` attribute
   on each peft layer (the original's forked LlamaMLP adds x @ delta^T; here a forward hook does the
   same product, so no model file is forked), the student forward with labels, KL over all 3000
   positions (`reduction="batchmean"`), MSE per A/B, backward, step, the attributes deleted, the four
-  loss values read with `.item()` (the original prints them). The translator is ours on both sides:
+  loss values read with `.item()` (the original prints them). The projector is ours on both sides:
   the original's per-(layer, module) modules called one by one would only slow its side down.
   `--pad_to 0` leaves each text at its own length: what the loop costs without its padding.
 - ours: `stages.projector.run_projector` itself, in this process (a DeepSpeed ZeRO-0 engine, world of
   one): --per_device_train_batch_size pairs per step, dynamic padding, bank LoRAs held in memory,
   per-sample injection by wrapping, LM/KL on answer tokens only, `--bf16` where bf16 is native.
 
-How it measures, and why this is fair: each run starts from a fresh translator and optimizer and
+How it measures, and why this is fair: each run starts from a fresh projector and optimizer and
 trains `--warmup` untimed steps, then `--steps` timed ones; samples/s = pairs trained in the timed
 steps / their wall time. Ours is stamped at the end of each optimizer step through the stage's own
-per-step log call (`stages.callbacks.log_step`, wrapped here; --logging_steps 1, --save_strategy no,
+per-step log call (`stages.core.callbacks.log_step`, wrapped here; --logging_steps 1, --save_strategy no,
 so no checkpoint is written inside the window), so model loading and engine set-up stay outside on
 both sides alike, as do the original's data preparation and model load. The two sides run in
 alternating order, `--repeats` times, in one process with the same torch thread count; the ratio is
@@ -66,7 +66,7 @@ from encode_throughput import REAL_RECORDS, build_model, native_cpu_bf16  # noqa
 
 from dyprag.bank import LoraBank  # noqa: E402
 from dyprag.lora import LoraSpec, target_module_names  # noqa: E402
-from dyprag.translator import ParameterTranslator, TranslatorConfig  # noqa: E402
+from dyprag.projector_model import Projector, ProjectorConfig  # noqa: E402
 
 SPEC = LoraSpec()
 
@@ -100,8 +100,8 @@ def pick_records(args: argparse.Namespace, model_dir: Path) -> tuple[list[dict[s
 def prepare(args: argparse.Namespace) -> Setup:
     """Model, records, bank (stages.encode), peft folders and pairs; cached per (source, passages, epochs)."""
     from dyprag.records import detect_augment_model
-    from stages.hparams import ModelArguments
-    from stages.loader import load_tokenizer
+    from stages.core.arguments import ModelArguments
+    from stages.core.loader import load_tokenizer
     from stages.projector import ProjectorArguments, build_pairs
 
     model_dir = build_model(args.work_dir / "bench", "bench") / "model"
@@ -140,7 +140,7 @@ class OriginalLoop:
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32).to(device)
-        self.config = TranslatorConfig.for_model(base, SPEC, projector_p=args.projector_p)
+        self.config = ProjectorConfig.for_model(base, SPEC, projector_p=args.projector_p)
         self.model = get_peft_model(base, LoraConfig(
             task_type=TaskType.CAUSAL_LM, target_modules=list(SPEC.target_modules), inference_mode=False,
             r=SPEC.rank, lora_alpha=SPEC.alpha, lora_dropout=0.0)).eval()
@@ -158,7 +158,7 @@ class OriginalLoop:
                 "input_ids": text + [self.pad_id] * pad, "labels": text + [-100] * pad,
                 "attention_mask": [1] * len(text) + [0] * pad}
 
-    def step(self, sample: dict[str, Any], translator: ParameterTranslator, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, sample: dict[str, Any], projector: Projector, optimizer: torch.optim.Optimizer) -> None:
         from safetensors.torch import load_file
 
         optimizer.zero_grad()
@@ -175,7 +175,7 @@ class OriginalLoop:
             for name, param in self.model.named_parameters():
                 if "lora_" in name:
                     param.data.zero_()
-        generated = translator(hidden.float())
+        generated = projector(hidden.float())
         outputs = {}
         for name, (lora_a, lora_b) in generated.items():
             outputs[f"base_model.model.{name}.lora_A.weight"] = lora_a[0]
@@ -194,16 +194,16 @@ class OriginalLoop:
             value.item()
 
     def run(self, order: list[int], seed: int) -> float:
-        """Train warmup + steps samples from a fresh translator; seconds of the timed steps."""
+        """Train warmup + steps samples from a fresh projector; seconds of the timed steps."""
         samples = [self.sample(self.setup.pairs[i]) for i in order]
         torch.manual_seed(seed)
-        translator = ParameterTranslator(self.config).to(self.device).train()
-        optimizer = torch.optim.AdamW(translator.parameters(), lr=self.args.learning_rate)
+        projector = Projector(self.config).to(self.device).train()
+        optimizer = torch.optim.AdamW(projector.parameters(), lr=self.args.learning_rate)
         for sample in samples[: self.args.original_warmup]:
-            self.step(sample, translator, optimizer)
+            self.step(sample, projector, optimizer)
         start = time.perf_counter()
         for sample in samples[self.args.original_warmup:]:
-            self.step(sample, translator, optimizer)
+            self.step(sample, projector, optimizer)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -219,7 +219,7 @@ def _add_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> 
 
 def run_ours(setup: Setup, args: argparse.Namespace, bf16: bool) -> tuple[int, float]:
     """`stages.projector.run_projector` in process; (samples, seconds) of its timed optimizer steps."""
-    import stages.callbacks as callbacks
+    import stages.core.callbacks as callbacks
     from stages.projector import run_projector
 
     out = args.work_dir / "ours_run"

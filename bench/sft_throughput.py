@@ -2,7 +2,7 @@
 
     python bench/sft_throughput.py [--work_dir /tmp/sft_bench] [--steps 6] [--repeats 3] ...
 
-Both sides train the same ~20M-parameter model (`python -m stages.embedded --preset bench`,
+Both sides train the same ~20M-parameter model (`python -m stages.world.build --preset bench`,
 built once into --work_dir) on the same alpaca-like data (../shared/data/llamafactory_demo/
 alpaca_en_demo.json when present, else the embedded demo_sft), full fine-tuning, AdamW, the
 same batch size, learning rate, seed, thread count and dtype (fp32, or bf16 = CPU autocast
@@ -20,7 +20,7 @@ How it measures, and why this is fair:
   the i-th step's batch (gradient accumulation 1, prefetch does not reorder), so tokens of
   the timed steps / their wall time is exact.
 - Our side is the code `python -m stages.sft` runs, assembled the same way in process:
-  `stages.data.get_dataset` with `supervised` / `packed_supervised`, `stages.loader.load_model`
+  `stages.core.data.get_dataset` with `supervised` / `packed_supervised`, `stages.core.loader.load_model`
   (finetuning_type full), `SupervisedCollator` and `SupervisedTrainer`. A subprocess per run
   would add seconds of process start-up that the plain side would have to pay too and that
   `train_runtime` mixes with set-up; stamping steps in process measures the training loop only.
@@ -129,11 +129,11 @@ def measure(trainer, counter: Counter, timer, cfg: argparse.Namespace) -> Run:
 
 def our_datasets(cfg: argparse.Namespace) -> dict[bool, Any]:
     """Tokenized train sets of stages.sft, without and with packing."""
-    from stages.data import get_dataset
-    from stages.data.processors import packed_supervised, supervised
-    from stages.data.template import get_template
-    from stages.hparams import DataArguments, ModelArguments
-    from stages.loader import load_tokenizer
+    from stages.core.data import get_dataset
+    from stages.core.data.processors import packed_supervised, supervised
+    from stages.core.data.template import get_template
+    from stages.core.arguments import DataArguments, ModelArguments
+    from stages.core.loader import load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(cfg.model_dir)))
     out = {}
@@ -148,10 +148,10 @@ def our_datasets(cfg: argparse.Namespace) -> dict[bool, Any]:
 
 
 def run_ours(cfg: argparse.Namespace, dataset, bf16: bool) -> Run:
-    from stages.data.collator import SupervisedCollator
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import get_compute_dtype, load_model, load_tokenizer
-    from stages.trainers import SupervisedTrainer
+    from stages.core.data.collator import SupervisedCollator
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import get_compute_dtype, load_model, load_tokenizer
+    from stages.core.trainers import SupervisedTrainer
 
     model_args = ModelArguments(model_name_or_path=str(cfg.model_dir))
     args = training_args(cfg, bf16, ours=True)
@@ -208,7 +208,7 @@ def prepare(cfg: argparse.Namespace) -> None:
     """Build the bench model once; register the alpaca demo file (or fall back to demo_sft)."""
     cfg.model_dir = cfg.work_dir / "model"
     if not (cfg.model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.embedded", "--output_dir", str(cfg.work_dir), "--preset",
+        subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(cfg.work_dir), "--preset",
                         "bench"], cwd=ROOT, check=True)
     if ALPACA.is_file():
         cfg.dataset_dir, cfg.dataset, cfg.data_file = cfg.work_dir / "alpaca", "alpaca_en_demo", ALPACA

@@ -7,19 +7,19 @@ of a `LoraProvider`), and whether the passages go into the prompt. The part-1 me
     rag           no LoRA,  passages          standard in-context RAG
     prag          "prag",   no passages       PRAG: the passages' LoRAs only
     prag_combine  "prag",   passages          PRAG-Combine: LoRAs + passages
-    dyprag          "dyprag", no passages       DyPRAG: the translator's LoRAs of the passages
+    dyprag          "dyprag", no passages       DyPRAG: the projector's LoRAs of the passages
     dyprag_combine  "dyprag", passages          DyPRAG-Combine: generated LoRAs + passages
 
 A provider turns a batch of records into one LoRA per record (stacked on the batch axis,
 `dyprag.lora` layout) plus its scaling; `BankLoras` is PRAG's: the bank LoRAs of the record's
 top-k passages combined with `combine_sum` (the sum of their deltas, i.e. rank concatenation:
 what the original's `add_weighted_adapter(..., combination_type="cat", weights=[1]*k)` does).
-DyPRAG's provider is `dyprag.translator.TranslatorLoras` (the passages through the parameter
-translator, combined by averaging; see `dyprag.translator.combine_loras`).
+DyPRAG's provider is `dyprag.projector_model.ProjectorLoras` (the passages through the parameter
+projector, combined by averaging; see `dyprag.projector_model.combine_loras`).
 
 Decoding is greedy, batched with left padding; each batch's per-sample LoRAs are injected
 with `inject_lora` for the duration of its `generate` call only. Prompts are the original's
-(`dyprag.prompts`), answers are scored with `dyprag.metrics` (the original's evaluation).
+(`dyprag.prompts`), answers are scored with `dyprag.scoring` (the original's evaluation).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .metrics import SCORE_KEYS, evaluate
+from .scoring import SCORE_KEYS, evaluate
 from .prompts import get_prompt
 from .records import record_passage_ids
 

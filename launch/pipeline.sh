@@ -49,7 +49,7 @@ if [ "${DEMO_SCALE:-full}" = reduced ]; then
   REDUCED_RECORDS=(--max_samples 6)
 fi
 
-python -m stages.embedded --output_dir "$WORK_DIR/embedded" --preset "$PRESET"
+python -m stages.world --output_dir "$WORK_DIR/embedded" --preset "$PRESET"
 
 # A stage runs when STAGES names it and the preset's configs have it (the real records: when present).
 wants() {

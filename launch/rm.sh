@@ -11,6 +11,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stages.launching import launched_main  # noqa: E402
+from stages.core.launching import launched_main  # noqa: E402
 
 launched_main("rm")

@@ -11,7 +11,7 @@ picks. The LLM (any causal LM; by default, as in the original, the model you wil
 the rewrite and the QA pairs with the original prompts; QA replies are parsed from JSON and
 asked again at most `--max_attempts` times; passages that never parse are skipped. With
 `--candidates N` (the original: 13) each question's first N passages are tried in order until
-`--top_k` of them parsed, so a skipped passage is replaced by the next one (`dyprag.augment.refill`).
+`--top_k` of them parsed, so a skipped passage is replaced by the next one (`dyprag.qa_generation.refill`).
 
 Output: OUT/augmented.json (PRAG records with `<model>_rewrite` / `<model>_qa`, `<model>` =
 the model path's basename, lower-case, or `--augment_model_name`) and OUT/augment_summary.json
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,14 @@ def candidate_passages(records: list[dict[str, Any]], args: AugmentArguments
 def run_augment(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments, set_seed
 
-    from dyprag.augment import (AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages,
+    from dyprag.qa_generation import (AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages,
                                 refill)
     from dyprag.records import RecordError, augment_model_name, load_records, save_records
 
-    from .common import resolved_config, save_config
-    from .deepspeed_utils import zero_stage
-    from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.stage import resolved_config, save_config
+    from .core.distributed import zero_stage
+    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
     from .prag_eval import check_output_dir, gather_shares, rank_share
 
     # 1. arguments and checks

@@ -12,7 +12,7 @@ popqa (popQA.tsv) or complexwebquestions (ComplexWebQuestions_dev.json), read fr
 comparison) and OUT/total.json the first --per_type of the whole file, which is what the original
 evaluates (300 each). Records carry `type`, so prag_eval over any of them also reports EM/F1 per
 sub-type. `--skip` N starts after the first N questions of each (the original trains its
-translator on questions 300-500: `--skip 300 --per_type 200`).
+projector on questions 300-500: `--skip 300 --per_type 200`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class BenchmarkArguments:
     per_type: int = field(default=300, metadata={"help": "Questions per sub-type file and in total.json (the "
                                                          "original: 300)."})
     skip: int = field(default=0, metadata={"help": "Questions left out at the start of each sub-type and of the "
-                                                   "total (the original's translator data: 300)."})
+                                                   "total (the original's projector data: 300)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an output_dir that already "
                                                                         "holds files."})
 
@@ -56,7 +56,7 @@ def run_benchmark(argv: list[str] | None = None) -> None:
     from dyprag.benchmarks import LOADERS, split_by_type
     from dyprag.records import RecordError, save_records
 
-    from .hparams import parse_args
+    from .core.arguments import parse_args
     from .prag_eval import check_output_dir
 
     (args,) = parse_args([BenchmarkArguments], argv, STAGE)

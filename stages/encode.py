@@ -7,7 +7,7 @@
 Input: PRAG records (the public format, e.g. stages.augment's augmented.json); the
 augmentation fields `<model>_rewrite` / `<model>_qa` are detected. Each passage (id
 "<test_id>_<pid>") gets a rank-r LoRA on the MLP projections of every layer, trained from one
-shared initialisation (BANK/init, a peft adapter) with the original recipe (dyprag.encode):
+shared initialisation (BANK/init, a peft adapter) with the original recipe (dyprag.passage_training):
 its QA texts with the passage / rewrite in context, AdamW lr 3e-4, one text per step, one
 epoch. Passages without augmentation train on their own text (counted in the log). A passage
 that several records hold with the same augmentation is trained once: its ids share one bank row.
@@ -42,7 +42,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .errors import RunStopped, UserError, main_guard
+from .core.errors import RunStopped, UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class EncodeArguments:
         if self.with_cot and not self.fewshot_file:
             raise UserError("--with_cot needs --fewshot_file: a JSON list of {question, answer} examples.")
         if self.max_batch_tokens is None:
-            from dyprag.encode import default_max_batch_tokens
+            from dyprag.passage_training import default_max_batch_tokens
 
-            from .loader import local_device
+            from .core.loader import local_device
 
             self.max_batch_tokens = default_max_batch_tokens(local_device())
         for name in ("lora_rank", "lora_alpha", "cutoff_len", "passages_per_batch", "max_batch_tokens", "shard_size"):
@@ -140,7 +140,7 @@ def collect_passages(records: list[dict[str, Any]], augment_name: str | None) ->
 
 def _bank_files(out: Path) -> list[Path]:
     """What an encode run writes into its output_dir (removed by --overwrite_output_dir, nothing else)."""
-    from .callbacks import LOG_FILE
+    from .core.callbacks import LOG_FILE
 
     return [p for pattern in ("index*.json", "*shard-*.safetensors", ".*.tmp", INIT_DIR, SUMMARY_FILE, LOG_FILE)
             for p in out.glob(pattern)]
@@ -178,15 +178,15 @@ def run_encode(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     from dyprag.bank import LoraBank, LoraBankError, LoraBankWriter, merge_parts
-    from dyprag.encode import EncodeConfig, StepReport, encode_batch, init_lora, passage_texts, plan_batches, training_tokens
+    from dyprag.passage_training import EncodeConfig, StepReport, encode_batch, init_lora, passage_texts, plan_batches, training_tokens
     from dyprag.lora import LoraSpec, read_peft_adapter, save_peft_adapter, target_module_names
     from dyprag.records import RecordError, detect_augment_model, load_records
 
-    from .callbacks import init_wandb, plot_loss
-    from .common import resolved_config, save_config
-    from .deepspeed_utils import zero_stage
-    from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.callbacks import init_wandb, plot_loss
+    from .core.stage import resolved_config, save_config
+    from .core.distributed import zero_stage
+    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
     from .prag_eval import _read_fewshot, gather_shares, rank_share
 
     # 1. arguments and checks
@@ -354,7 +354,7 @@ def run_encode(argv: list[str] | None = None) -> None:
 
 def _log(out: Path, record: dict[str, Any]) -> None:
     """One line of trainer_log.jsonl (and W&B when a run is active); rank 0 calls it."""
-    from .callbacks import LOG_FILE
+    from .core.callbacks import LOG_FILE
 
     with open(out / LOG_FILE, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 
 def run_export(argv: list[str] | None = None) -> None:
     import torch
 
-    from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, has_value_head, load_model, load_tokenizer
+    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .core.loader import check_model_args, has_value_head, load_model, load_tokenizer
 
     model_args, finetuning_args, run_args = parse_args([ModelArguments, FinetuningArguments, RunArguments], argv,
                                                        "export")

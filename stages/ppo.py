@@ -18,7 +18,7 @@ prompts per rank: generate, score, then `ppo_epochs` passes over it in `num_mini
 mini-batches. Run length: `--max_steps` updates, or `--num_train_epochs` passes over the prompts.
 
 Checkpoints (`--save_steps` updates) hold the policy like an sft output plus the trained value
-model, optimizer state, scheduler and every rank's random generators (stages/ppo_trainer.py), so
+model, optimizer state, scheduler and every rank's random generators (stages/core/ppo_trainer.py), so
 `--resume_from_checkpoint last` continues a killed run exactly, on the same ranks and batch sizes.
 A NaN/inf PPO loss stops the run (or, with `--nan_policy skip`, adds no gradient and is counted).
 
@@ -38,7 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 
 @dataclass
@@ -100,9 +100,9 @@ def reward_model_args(reward_model: str | None, trust_remote_code: bool = False)
     A full rm output is its own checkpoint. A LoRA one is its base, the LM adapters the rm
     merged before training (e.g. an sft adapter), then the rm adapter itself.
     """
-    from .common import CONFIG_FILE
-    from .hparams import ModelArguments, split_names
-    from .loader import has_value_head
+    from .core.stage import CONFIG_FILE
+    from .core.arguments import ModelArguments, split_names
+    from .core.loader import has_value_head
 
     if not reward_model:
         raise UserError("--reward_model is required: an rm output directory (python -m stages.rm).")
@@ -136,7 +136,7 @@ def deepspeed_to_accelerate(training_args, model, num_updates: int) -> None:
     resolved the "auto" batch sizes, clipping and precision already; the model-size "auto"
     values are filled here, and the concrete config is written to output_dir for every rank.
     """
-    from .deepspeed_utils import without_round_robin_gradients
+    from .core.distributed import without_round_robin_gradients
 
     ds_config = training_args.hf_deepspeed_config
     ds_config.trainer_config_finalize(training_args, model, num_updates)
@@ -160,16 +160,16 @@ def run_ppo(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments, set_seed
     from trl.experimental.ppo import PPOConfig
 
-    from .callbacks import JsonlLogCallback, init_wandb, plot_loss
-    from .common import prepare_output_dir, resolved_config, save_config
-    from .data import get_dataset
-    from .data.processors import prompt_only
-    from .data.template import get_template
-    from .deepspeed_utils import unsupported_optim, zero_stage
-    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+    from .core.callbacks import JsonlLogCallback, init_wandb, plot_loss
+    from .core.stage import prepare_output_dir, resolved_config, save_config
+    from .core.data import get_dataset
+    from .core.data.processors import prompt_only
+    from .core.data.template import get_template
+    from .core.distributed import unsupported_optim, zero_stage
+    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
                           parse_args)
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
 
     # 1. arguments: the policy's model args, the reward model's (inherited from the rm output)
     model_args, data_args, training_args, finetuning_args, ppo_args, run_args = parse_args(

@@ -7,7 +7,7 @@
 
 For every question the LoRAs of its top-k passages (bank keys "<test_id>_<pid>", written by
 `stages.encode`) are summed (rank concatenation, as the original) and injected into the frozen
-model; with `--projector_dir` the trained parameter translator turns the same passages into
+model; with `--projector_dir` the trained parameter projector turns the same passages into
 LoRAs at question time instead (averaged, `--dyprag_combination`). Answers are greedy, batched
 (`--per_device_eval_batch_size`), with the original prompts (direct: "... The answer is", or
 chain-of-thought with few-shot examples). Writes OUT/results.json (the table, a table per
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class PragEvalArguments:
                                                                   "with question, answer, passages)."})
     bank_dir: str | None = field(default=None, metadata={"help": "LoRA bank of the records' passages (from "
                                                                  "stages.encode); needed by prag and prag_combine."})
-    projector_dir: str | None = field(default=None, metadata={"help": "Trained parameter translator (the output_dir "
+    projector_dir: str | None = field(default=None, metadata={"help": "Trained parameter projector (the output_dir "
                                                                       "of stages.projector); needed by dyprag and "
                                                                       "dyprag_combine."})
     dyprag_combination: Literal["factors", "deltas"] = field(
@@ -129,28 +129,28 @@ def _read_fewshot(path: str) -> str:
     return format_fewshot(examples)
 
 
-def _translator_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) -> Any:
-    """DyPRAG's provider: the trained translator (checked against this model) on this rank's device."""
-    from dyprag.translator import CONFIG_FILE, TranslatorConfig, TranslatorError, TranslatorLoras, load_translator
+def _projector_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) -> Any:
+    """DyPRAG's provider: the trained projector (checked against this model) on this rank's device."""
+    from dyprag.projector_model import CONFIG_FILE, ProjectorConfig, ProjectorError, ProjectorLoras, load_projector
 
-    from .loader import local_device
+    from .core.loader import local_device
 
     folder = Path(eval_args.projector_dir)
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"--projector_dir {folder} holds no {CONFIG_FILE}; point it at a stages.projector output_dir "
                         f"(or one of its checkpoint-N folders).")
     try:
-        translator = load_translator(folder, device=local_device())
-    except TranslatorError as err:
+        projector = load_projector(folder, device=local_device())
+    except ProjectorError as err:
         raise UserError(f"--projector_dir: {err}") from None
     try:
-        expected = TranslatorConfig.for_model(model, translator.config.spec)
+        expected = ProjectorConfig.for_model(model, projector.config.spec)
     except ValueError as err:
         raise UserError(f"--projector_dir {folder}: {err}") from None
-    if (expected.modules, expected.hidden_size) != (translator.config.modules, translator.config.hidden_size):
-        raise UserError(f"--projector_dir {folder} was trained for {translator.config.base_model_name_or_path}, whose "
+    if (expected.modules, expected.hidden_size) != (projector.config.modules, projector.config.hidden_size):
+        raise UserError(f"--projector_dir {folder} was trained for {projector.config.base_model_name_or_path}, whose "
                         f"layers differ from --model_name_or_path; evaluate it with that model.")
-    return TranslatorLoras(translator, model, tokenizer, eval_args.top_k, eval_args.dyprag_combination)
+    return ProjectorLoras(projector, model, tokenizer, eval_args.top_k, eval_args.dyprag_combination)
 
 
 def log_table_to_wandb(rows: list[dict[str, Any]]) -> None:
@@ -174,11 +174,11 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
                                   results_table, types_markdown)
     from dyprag.records import RecordError, load_records
 
-    from .callbacks import init_wandb
-    from .common import resolved_config, save_config
-    from .deepspeed_utils import zero_stage
-    from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.callbacks import init_wandb
+    from .core.stage import resolved_config, save_config
+    from .core.distributed import zero_stage
+    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
 
     # 1. arguments and checks (before anything is loaded)
     model_args, eval_args, training_args, run_args = parse_args(
@@ -196,7 +196,7 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     if any(m.lora == "prag" for m in methods) and not eval_args.bank_dir:
         raise UserError("--methods prag/prag_combine need --bank_dir: the LoRA bank written by stages.encode.")
     if any(m.lora == "dyprag" for m in methods) and not eval_args.projector_dir:
-        raise UserError("--methods dyprag/dyprag_combine need --projector_dir: the translator written by "
+        raise UserError("--methods dyprag/dyprag_combine need --projector_dir: the projector written by "
                         "stages.projector.")
     fewshot = _read_fewshot(eval_args.fewshot_file) if eval_args.with_cot else None
     rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under DeepSpeed
@@ -220,7 +220,7 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
         raise UserError(f"--data_file {eval_args.data_file}: every record needs gold answers to be scored.")
 
     # 3. the bank (every shard the records need checked now, not midway), then the frozen model
-    #    (fp32 / bf16 / fp16 from the flags) on this rank's device and the translator
+    #    (fp32 / bf16 / fp16 from the flags) on this rank's device and the projector
     compute_dtype = get_compute_dtype(training_args.bf16, training_args.fp16)
     providers: dict[str, Any] = {}
     if eval_args.bank_dir:
@@ -245,7 +245,7 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     if model_args.quantization_bit is None:
         model.to(local_device())
     if eval_args.projector_dir:
-        providers["dyprag"] = _translator_loras(eval_args, model, tokenizer)
+        providers["dyprag"] = _projector_loras(eval_args, model, tokenizer)
 
     # 4. answer this rank's share with every method; gather each method's answers in record order
     share = rank_share(records, rank, world)

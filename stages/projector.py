@@ -1,4 +1,4 @@
-"""projector: train DyPRAG's parameter translator on (passage, its PRAG LoRA, a QA text about it).
+"""projector: train DyPRAG's parameter projector on (passage, its PRAG LoRA, a QA text about it).
 
     python -m stages.projector --model_name_or_path M --data_file records.json --bank_dir BANK --output_dir OUT
     deepspeed launch/projector.sh --model_name_or_path M --data_file records.json --bank_dir BANK --output_dir OUT
@@ -14,32 +14,32 @@ question alone by default (the prompt DyPRAG answers at test time) or the passag
 (`--qa_with_passage`). The original's texts are `--qa_pairs first --qa_with_passage true`, with
 `--with_cot --fewshot_file F` for 2WikiMultihopQA and HotpotQA.
 
-Per step (`dyprag.translator.distillation_losses`): the frozen model reads each passage (last
-layer, pooled), the translator turns it into a LoRA, and
+Per step (`dyprag.projector_model.distillation_losses`): the frozen model reads each passage (last
+layer, pooled), the projector turns it into a LoRA, and
     loss = LM(student) + kl_weight * KL(teacher || student) + mse_weight * MSE(generated, real A/B)
 where student = model + generated LoRA and teacher = model + the passage's bank LoRA, each
 injected per sample (`inject_lora`). `--objective answer` (default): LM and KL are means over
 the answer tokens, and both LoRAs are scaled by alpha/r. `--objective original` (train_dyprag.py):
 LM is the mean over every token of the text, KL the sum over each text's tokens (its `batchmean`
 at batch 1), and the student's LoRA is injected unscaled (B @ A) against the teacher's alpha/r
-(the translator is then saved with alpha = r, so it is injected unscaled at inference too).
+(the projector is then saved with alpha = r, so it is injected unscaled at inference too).
 Padding never counts in either (the original pads every text to 3000 tokens and sums the KL of
 the pads too).
 The bank rows of all training passages are read into memory once (`--bank_in_memory`).
 
-The translator is the only trainable module and the only one DeepSpeed trains (ZeRO-0/1/2,
+The projector is the only trainable module and the only one DeepSpeed trains (ZeRO-0/1/2,
 "auto" values resolved from the flags before `deepspeed.initialize`); the base model stays
 frozen in the compute dtype (--bf16/--fp16), optionally 4/8-bit (`--quantization_bit`), and
 with a ZeRO-3 config partitioned across the ranks (loaded so, gathered layer by layer by an
-engine of its own without an optimizer; the translator then trains under ZeRO-2). The
-translator itself trains in fp32. Without a launcher the run is a world of one (ZeRO-0 unless
+engine of its own without an optimizer; the projector then trains under ZeRO-2). The
+projector itself trains in fp32. Without a launcher the run is a world of one (ZeRO-0 unless
 --deepspeed names a config).
 
-Output: OUT/translator.safetensors + translator_config.json (load with
-`dyprag.translator.load_translator`; `stages.prag_eval --projector_dir OUT` evaluates it,
+Output: OUT/projector.safetensors + projector_config.json (load with
+`dyprag.projector_model.load_projector`; `stages.prag_eval --projector_dir OUT` evaluates it,
 `stages.projector_export` writes generated adapters), run_config.json, trainer_log.jsonl (every
 loss term per step; W&B with --report_to wandb), and OUT/checkpoint-<step>/ every
---save_steps and at the end of every epoch: translator weights + config, Adam moments
+--save_steps and at the end of every epoch: projector weights + config, Adam moments
 (safetensors), trainer_state.json (step, scheduler, data position), rng.safetensors.
 Checkpoints hold whole tensors (gathered from the ZeRO partitions), so a run resumes on any
 number of ranks: --resume_from_checkpoint OUT/checkpoint-N, or `auto` for the latest. A
@@ -67,10 +67,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainingArguments
 
-from .common import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import (gather_optimizer_state, gather_weights, restore_optimizer_state, restore_scheduler,
+from .core.stage import finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
+from .core.distributed import (gather_optimizer_state, gather_weights, restore_optimizer_state, restore_scheduler,
                               without_round_robin_gradients)
-from .errors import RunStopped, UserError, main_guard
+from .core.errors import RunStopped, UserError, main_guard
 
 if TYPE_CHECKING:
     import torch
@@ -114,11 +114,11 @@ class ProjectorArguments:
                                             "Padding never counts in either."})
     projector_p: int = field(default=32, metadata={"help": "Hidden width p of each (layer, module) MLP (the "
                                                            "original: 32)."})
-    pooling: Literal["last", "mean"] = field(default="last", metadata={"help": "Passage state fed to the translator: "
+    pooling: Literal["last", "mean"] = field(default="last", metadata={"help": "Passage state fed to the projector: "
                                                                               "the last token's (the original) or "
                                                                               "the mean over its tokens."})
     max_passage_length: int = field(default=512, metadata={"help": "Passage tokens the frozen model reads (longer "
-                                                                   "passages are cut); kept in the translator "
+                                                                   "passages are cut); kept in the projector "
                                                                    "config for inference."})
     cutoff_len: int = field(default=3000, metadata={"help": "Longest QA text in tokens; longer pairs are dropped and "
                                                             "counted (the original: 3000)."})
@@ -148,7 +148,7 @@ class ProjectorArguments:
 class ProjectorTrainingArguments(TrainingArguments):
     """TrainingArguments with the original DyPRAG defaults (torch AdamW, constant lr, no clipping)."""
 
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the translator (the "
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the projector (the "
                                                                  "original: 1e-5)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (the original: "
                                                                    "1)."})
@@ -167,7 +167,7 @@ class ProjectorTrainingArguments(TrainingArguments):
 @dataclass
 class Pair:
     passage_id: str
-    passage: list[int]  # the passage's tokens, as the translator reads them
+    passage: list[int]  # the passage's tokens, as the projector reads them
     text: list[int]  # the QA training text
     answer_start: int  # first answer token of `text`: the answer objective scores text[answer_start:]
 
@@ -176,7 +176,7 @@ def build_pairs(records: list[dict[str, Any]], augment_name: str | None, tokeniz
                 args: ProjectorArguments, fewshot: str | None = None) -> tuple[list[Pair], int]:
     """The training pairs of the records (see the module docstring) and how many were too long."""
     from dyprag.records import passage_id
-    from dyprag.translator import qa_text, tokenize_passages
+    from dyprag.projector_model import qa_text, tokenize_passages
 
     from .encode import collect_passages
 
@@ -208,7 +208,7 @@ def engine_config(training_args: ProjectorTrainingArguments, model: Any, total_s
     """The DeepSpeed config with every "auto" filled from the flags (ZeRO-0 without --deepspeed)."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from .launching import ROOT
+    from .core.launching import ROOT
 
     ds_config = getattr(training_args, "hf_deepspeed_config", None)
     if ds_config is None:
@@ -218,7 +218,7 @@ def engine_config(training_args: ProjectorTrainingArguments, model: Any, total_s
     if "optimizer" in ds_config.config or "scheduler" in ds_config.config:
         raise UserError(f"--deepspeed {training_args.deepspeed}: projector builds its own optimizer and scheduler; "
                         f"remove the optimizer/scheduler sections (or use ds_configs/*.json).")
-    # --bf16/--fp16 set the frozen model's compute dtype. The translator (a few % of the model's size)
+    # --bf16/--fp16 set the frozen model's compute dtype. The projector (a few % of the model's size)
     # trains in fp32: no mixed-precision wrapper in its engine, exact master weights in checkpoints.
     for precision in ("bf16", "fp16"):
         ds_config.config.setdefault(precision, {})["enabled"] = False
@@ -243,12 +243,12 @@ def make_optimizer(params: list[torch.nn.Parameter], training_args: ProjectorTra
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_state: dict[str, Any],
+def save_checkpoint(out: Path, step: int, engine: Any, projector: Any, trainer_state: dict[str, Any],
                     rank: int, save_total_limit: int | None) -> Path | None:
     """OUT/checkpoint-<step>: written by rank 0 into a temporary folder, then renamed (atomic)."""
     from safetensors.torch import save_file
 
-    from dyprag.translator import save_translator
+    from dyprag.projector_model import save_projector
 
     # collective: every rank takes part
     weights = gather_weights(engine.module, engine.optimizer)
@@ -258,7 +258,7 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
         return None
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving
-    save_translator(translator, tmp, state=weights)
+    save_projector(projector, tmp, state=weights)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in moments.items()}, str(tmp / OPTIMIZER_FILE))
     save_rng_state(tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
@@ -273,7 +273,7 @@ def save_checkpoint(out: Path, step: int, engine: Any, translator: Any, trainer_
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Translator weights, Adam moments and trainer state of a checkpoint folder.
+    """Projector weights, Adam moments and trainer state of a checkpoint folder.
 
     The random generators (rank 0's, saved with the checkpoint) are restored here on every
     rank. The loop itself draws no random numbers (the pair order is a function of seed and
@@ -281,7 +281,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     """
     from safetensors.torch import load_file
 
-    from dyprag.translator import WEIGHTS_FILE
+    from dyprag.projector_model import WEIGHTS_FILE
 
     missing = [name for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, RNG_FILE) if not (path / name).is_file()]
     if missing:
@@ -391,15 +391,15 @@ class Plan:
                 yield epoch, index + 1 == self.micro_per_epoch, order[index * self.micro:(index + 1) * self.micro]
 
 
-def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingArguments, total_steps: int,
+def build_engine(projector: Any, model: Any, training_args: ProjectorTrainingArguments, total_steps: int,
                  checkpoint: tuple[dict, dict, dict] | None) -> tuple[Any, Any]:
-    """The DeepSpeed engine of the translator with its optimizer and schedule, restored from `checkpoint`."""
+    """The DeepSpeed engine of the projector with its optimizer and schedule, restored from `checkpoint`."""
     from transformers import get_scheduler
 
-    from .deepspeed_utils import init_deepspeed_comm, init_single_process_env
+    from .core.distributed import init_deepspeed_comm, init_single_process_env
 
     if checkpoint is not None:  # the module first: the engine builds its (partitioned) fp32 master from it
-        translator.load_state_dict(checkpoint[0])
+        projector.load_state_dict(checkpoint[0])
     init_single_process_env()
     init_deepspeed_comm()
     import deepspeed
@@ -408,17 +408,17 @@ def build_engine(translator: Any, model: Any, training_args: ProjectorTrainingAr
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         # The frozen model was loaded partitioned across the ranks (ZeRO-3): an engine without an
         # optimizer gives its modules the hooks that gather each layer's weights for the forward and
-        # backward passes. The translator (a few % of the model's size) trains under ZeRO-2.
+        # backward passes. The projector (a few % of the model's size) trains under ZeRO-2.
         deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
         ds_config["zero_optimization"]["stage"] = 2
         held = sum(param.ds_tensor.numel() for param in model.parameters())
         logger.info("frozen model partitioned (ZeRO-3): this rank holds %d of its %d weights", held,
                     sum(param.ds_numel for param in model.parameters()))
-    optimizer = make_optimizer(list(translator.parameters()), training_args, ds_config)
+    optimizer = make_optimizer(list(projector.parameters()), training_args, ds_config)
     scheduler = get_scheduler(training_args.lr_scheduler_type, optimizer,
                               num_warmup_steps=training_args.get_warmup_steps(total_steps),
                               num_training_steps=total_steps)
-    engine, *_ = deepspeed.initialize(model=translator, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=projector, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if checkpoint is not None:
         _, moments, state = checkpoint
         restore_optimizer_state(engine.module, engine.optimizer, moments, state["global_step"])
@@ -433,14 +433,14 @@ def run_projector(argv: list[str] | None = None) -> None:
     from transformers import set_seed
 
     from dyprag.lora import LoraSpec
-    from dyprag.translator import ParameterTranslator, TranslatorConfig, distillation_losses, pad_right, \
-        passage_hidden, save_translator
+    from dyprag.projector_model import Projector, ProjectorConfig, distillation_losses, pad_right, \
+        passage_hidden, save_projector
 
-    from .callbacks import init_wandb, log_step, plot_loss
-    from .common import prepare_output_dir, resolved_config, save_config
-    from .deepspeed_utils import zero_stage
-    from .hparams import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.callbacks import init_wandb, log_step, plot_loss
+    from .core.stage import prepare_output_dir, resolved_config, save_config
+    from .core.distributed import zero_stage
+    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
 
     # 1. arguments and checks (before anything is loaded)
     model_args, proj_args, training_args, run_args = parse_args(
@@ -468,23 +468,23 @@ def run_projector(argv: list[str] | None = None) -> None:
         model.to(device)
     teachers = Teachers(bank, pairs, proj_args.bank_in_memory)
 
-    # 3. the translator (seeded: the same on every rank), the data plan, the DeepSpeed engine
+    # 3. the projector (seeded: the same on every rank), the data plan, the DeepSpeed engine
     set_seed(training_args.seed)
     # The original objective injects the student's LoRA unscaled: its spec then has alpha = r, so
     # inference (prag_eval, projector_export) injects it as it was trained.
     spec = bank.spec if proj_args.objective == "answer" else LoraSpec(rank=bank.spec.rank, alpha=bank.spec.rank,
                                                                        target_modules=bank.spec.target_modules)
     try:
-        translator_config = TranslatorConfig.for_model(
+        projector_config = ProjectorConfig.for_model(
             model, spec, projector_p=proj_args.projector_p, pooling=proj_args.pooling,
             max_passage_length=proj_args.max_passage_length, base_model_name_or_path=model_args.model_name_or_path)
     except ValueError as err:
         raise UserError(f"--bank_dir {proj_args.bank_dir}: {err}") from None
-    if set(translator_config.modules) != set(bank.modules):
+    if set(projector_config.modules) != set(bank.modules):
         raise UserError(f"--bank_dir {proj_args.bank_dir} holds LoRAs for other modules than this model's "
                         f"{', '.join(bank.spec.target_modules)}; encode with --model_name_or_path "
                         f"{model_args.model_name_or_path}.")
-    translator = ParameterTranslator(translator_config)
+    projector = Projector(projector_config)
     plan = Plan(DistributedSampler(range(len(pairs)), num_replicas=world, rank=rank, seed=training_args.seed),
                 training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps)
     if plan.steps_per_epoch == 0:
@@ -494,13 +494,13 @@ def run_projector(argv: list[str] | None = None) -> None:
                         else math.ceil(training_args.num_train_epochs * plan.steps_per_epoch))
     resume = training_args.resume_from_checkpoint
     checkpoint = load_checkpoint(Path(resume)) if resume else None
-    engine, scheduler = build_engine(translator, model, training_args, plan.total_steps, checkpoint)
+    engine, scheduler = build_engine(projector, model, training_args, plan.total_steps, checkpoint)
     start_step = checkpoint[2]["global_step"] if checkpoint else 0
     if checkpoint and (checkpoint[2]["world_size"], checkpoint[2]["steps_per_epoch"]) != (world, plan.steps_per_epoch):
         logger.warning("resuming %s with other ranks or batch sizes than it was saved with: the weights and optimizer "
                        "continue exactly, the remaining pairs of the epoch are dealt anew.", resume)
 
-    # 4. train: per micro-batch, the passages through the frozen model and the translator, teacher and student
+    # 4. train: per micro-batch, the passages through the frozen model and the projector, teacher and student
     init_wandb(STAGE, training_args, run_args, config)
     every_save = (math.ceil(training_args.save_steps * plan.total_steps) if training_args.save_steps < 1
                   else int(training_args.save_steps))
@@ -510,12 +510,12 @@ def run_projector(argv: list[str] | None = None) -> None:
     progress = tqdm(total=plan.total_steps, initial=start_step, desc="projector", unit="step", disable=rank != 0)
     for epoch, epoch_end, indices in plan.micro_batches(start_step):
         batch = [pairs[i] for i in indices]
-        hidden = passage_hidden(model, [p.passage for p in batch], tokenizer.pad_token_id, translator_config.pooling)
+        hidden = passage_hidden(model, [p.passage for p in batch], tokenizer.pad_token_id, projector_config.pooling)
         input_ids = pad_right([p.text for p in batch], tokenizer.pad_token_id).to(device)
         scored = [0 if whole_text else p.answer_start for p in batch]
         labels = pad_right([[-100] * start + p.text[start:] for p, start in zip(batch, scored)], -100).to(device)
         terms = distillation_losses(model, engine(hidden), teachers(batch, device), bank.spec.scaling, input_ids,
-                                    labels, student_scaling=translator_config.spec.scaling, kl_per_text=whole_text)
+                                    labels, student_scaling=projector_config.spec.scaling, kl_per_text=whole_text)
         loss = terms["lm"] + proj_args.kl_weight * terms["kl"] + proj_args.mse_weight * terms["mse"]
         values = torch.stack([loss.detach(), *(terms[k].detach() for k in ("lm", "kl", "mse", "teacher_lm"))])
         if not finite_on_every_rank(loss, world):  # checked before backward/step: nothing of it is applied
@@ -552,7 +552,7 @@ def run_projector(argv: list[str] | None = None) -> None:
             sums.zero_()
             counted = 0
         if training_args.save_strategy != "no" and (step % every_save == 0 or epoch_end or step == plan.total_steps):
-            save_checkpoint(out, step, engine, translator,
+            save_checkpoint(out, step, engine, projector,
                             {"global_step": step, "epoch": epoch, "steps_per_epoch": plan.steps_per_epoch,
                              "world_size": world, "scheduler": scheduler.state_dict(), "skipped_batches": skipped},
                             rank, training_args.save_total_limit)
@@ -560,11 +560,11 @@ def run_projector(argv: list[str] | None = None) -> None:
             break
     progress.close()
 
-    # 5. the trained translator (fp32 master weights, whole) + its config, the loss plots
+    # 5. the trained projector (fp32 master weights, whole) + its config, the loss plots
     weights = gather_weights(engine.module, engine.optimizer)
     if rank == 0:
-        save_translator(translator, out, state=weights)
-        logger.info("translator saved to %s after %d steps", out, step)
+        save_projector(projector, out, state=weights)
+        logger.info("projector saved to %s after %d steps", out, step)
         if run_args.plot_loss:
             plot_loss(out, keys=LOSS_KEYS)
         wandb = sys.modules.get("wandb")

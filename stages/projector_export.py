@@ -1,12 +1,12 @@
-"""projector_export: the LoRA a trained translator generates for a passage (or a set of them) as a peft adapter.
+"""projector_export: the LoRA a trained projector generates for a passage (or a set of them) as a peft adapter.
 
     python -m stages.projector_export --projector_dir PROJ --passage "Some passage." --output_dir ADAPTER
     python -m stages.projector_export --projector_dir PROJ --passages_file passages.json --output_dir ADAPTER \\
         [--combination factors|deltas] [--model_name_or_path M]
 
-The frozen base model (by default the one the translator was trained with, from its
-translator_config.json) reads each passage, the translator turns it into a LoRA, and several
-passages are combined as at DyPRAG inference (`dyprag.translator.combine_loras`: "factors"
+The frozen base model (by default the one the projector was trained with, from its
+projector_config.json) reads each passage, the projector turns it into a LoRA, and several
+passages are combined as at DyPRAG inference (`dyprag.projector_model.combine_loras`: "factors"
 keeps rank r, "deltas" gives rank k*r with the same alpha/r scaling). ADAPTER is a plain peft
 folder (adapter_config.json + adapter_model.safetensors):
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(M), ADAPTER)` gives the same
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ STAGE = "projector_export"
 
 @dataclass
 class ProjectorExportArguments:
-    projector_dir: str | None = field(default=None, metadata={"help": "Trained translator: stages.projector's "
+    projector_dir: str | None = field(default=None, metadata={"help": "Trained projector: stages.projector's "
                                                                       "output_dir or one of its checkpoint-N folders."})
     passage: str | None = field(default=None, metadata={"help": "The text of one passage to translate."})
     passages_file: str | None = field(default=None, metadata={"help": "Several passages, combined into one adapter: "
@@ -44,7 +44,7 @@ class ProjectorExportArguments:
 
     def __post_init__(self) -> None:
         if not self.projector_dir:
-            raise UserError("--projector_dir is required: the translator written by stages.projector.")
+            raise UserError("--projector_dir is required: the projector written by stages.projector.")
         if (self.passage is None) == (self.passages_file is None):
             raise UserError("give exactly one of --passage (one text) or --passages_file (several, combined).")
         if not self.output_dir:
@@ -68,11 +68,11 @@ class ProjectorExportArguments:
 
 def run_projector_export(argv: list[str] | None = None) -> None:
     from dyprag.lora import ADAPTER_CONFIG, LoraSpec, save_peft_adapter, select
-    from dyprag.translator import (CONFIG_FILE, TranslatorConfig, TranslatorError, TranslatorLoras, combine_loras,
-                                   load_translator)
+    from dyprag.projector_model import (CONFIG_FILE, ProjectorConfig, ProjectorError, ProjectorLoras, combine_loras,
+                                   load_projector)
 
-    from .hparams import FinetuningArguments, ModelArguments, parse_args
-    from .loader import check_model_args, load_model, load_tokenizer, local_device
+    from .core.arguments import FinetuningArguments, ModelArguments, parse_args
+    from .core.loader import check_model_args, load_model, load_tokenizer, local_device
 
     model_args, export_args = parse_args([ModelArguments, ProjectorExportArguments], argv, STAGE)
     folder, out = Path(export_args.projector_dir), Path(export_args.output_dir)
@@ -83,10 +83,10 @@ def run_projector_export(argv: list[str] | None = None) -> None:
                         f"--overwrite_output_dir.")
     passages = export_args.passages()
     try:
-        translator = load_translator(folder, device=local_device())
-    except TranslatorError as err:
+        projector = load_projector(folder, device=local_device())
+    except ProjectorError as err:
         raise UserError(f"--projector_dir: {err}") from None
-    config = translator.config
+    config = projector.config
     model_args.model_name_or_path = model_args.model_name_or_path or config.base_model_name_or_path
     finetuning_args = FinetuningArguments()
     check_model_args(model_args, finetuning_args, None)
@@ -95,10 +95,10 @@ def run_projector_export(argv: list[str] | None = None) -> None:
     model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
     if model_args.quantization_bit is None:
         model.to(local_device())
-    if TranslatorConfig.for_model(model, config.spec).modules != config.modules:
+    if ProjectorConfig.for_model(model, config.spec).modules != config.modules:
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path} does not have the layers the "
-                        f"translator was trained for ({config.base_model_name_or_path}).")
-    generated = TranslatorLoras(translator, model, tokenizer).generate(passages)
+                        f"projector was trained for ({config.base_model_name_or_path}).")
+    generated = ProjectorLoras(projector, model, tokenizer).generate(passages)
     lora = combine_loras([select(generated, i) for i in range(len(passages))], export_args.combination)
     rank = next(iter(lora.values()))[0].shape[1]
     spec = LoraSpec(rank=rank, alpha=config.spec.alpha * (rank // config.spec.rank),  # the same alpha/r

@@ -1,15 +1,15 @@
-"""projector_import: a translator released with the original DyPRAG (`epoch_N.pt`) as a stages.projector folder.
+"""projector_import: a projector released with the original DyPRAG (`epoch_N.pt`) as a stages.projector folder.
 
     python -m stages.projector_import --original_file epoch_0.pt --model_name_or_path M --output_dir PROJ
     python -m stages.prag_eval --model_name_or_path M --data_file records.json --projector_dir PROJ \\
         --methods vanilla,rag,dyprag,dyprag_combine --output_dir EVAL
 
 M is the base model the checkpoint was trained on (e.g. a local LLaMA-3.2-1B-Instruct folder for
-the original's `llama3.2-1b` translator); only its config is read. PROJ then holds our
-translator_config.json + translator.safetensors, which compute the same LoRA A and B as the
+the original's `llama3.2-1b` projector); only its config is read. PROJ then holds our
+projector_config.json + projector.safetensors, which compute the same LoRA A and B as the
 original for every passage and inject them unscaled as the original does
-(`dyprag.original_translator`), so prag_eval, projector_export and further training with
-stages.projector take it like a translator of their own. The checkpoint is read as tensors only
+(`dyprag.original_projector`), so prag_eval, projector_export and further training with
+stages.projector take it like a projector of their own. The checkpoint is read as tensors only
 (`torch.load(weights_only=True)`).
 """
 
@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +28,29 @@ STAGE = "projector_import"
 
 @dataclass
 class ProjectorImportArguments:
-    original_file: str | None = field(default=None, metadata={"help": "The original DyPRAG's translator checkpoint "
+    original_file: str | None = field(default=None, metadata={"help": "The original DyPRAG's projector checkpoint "
                                                                       "(epoch_N.pt from its train_dyprag.py)."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder the translator is written into (the "
+    output_dir: str | None = field(default=None, metadata={"help": "Folder the projector is written into (the "
                                                                    "--projector_dir of prag_eval)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a translator already in "
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a projector already in "
                                                                         "output_dir."})
 
     def __post_init__(self) -> None:
         if not self.original_file:
             raise UserError("--original_file is required: the original DyPRAG's epoch_N.pt.")
         if not self.output_dir:
-            raise UserError("--output_dir is required: the folder the translator is written into.")
+            raise UserError("--output_dir is required: the folder the projector is written into.")
 
 
 def run_projector_import(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dyprag.original_translator import (OriginalCheckpointError, config_for_original, read_original_checkpoint,
-                                            translator_from_original)
-    from dyprag.translator import CONFIG_FILE, save_translator
+    from dyprag.original_projector import (OriginalCheckpointError, config_for_original, read_original_checkpoint,
+                                            projector_from_original)
+    from dyprag.projector_model import CONFIG_FILE, save_projector
 
-    from .hparams import ModelArguments, parse_args
+    from .core.arguments import ModelArguments, parse_args
 
     model_args, import_args = parse_args([ModelArguments, ProjectorImportArguments], argv, STAGE)
     source, out = Path(import_args.original_file), Path(import_args.output_dir)
@@ -59,7 +59,7 @@ def run_projector_import(argv: list[str] | None = None) -> None:
     if not source.is_file():
         raise UserError(f"--original_file {source} does not exist.")
     if (out / CONFIG_FILE).is_file() and not import_args.overwrite_output_dir:
-        raise UserError(f"--output_dir {out} already holds a translator; pick a new folder or add "
+        raise UserError(f"--output_dir {out} already holds a projector; pick a new folder or add "
                         f"--overwrite_output_dir.")
     try:
         model_config = AutoConfig.from_pretrained(model_args.model_name_or_path)
@@ -71,12 +71,12 @@ def run_projector_import(argv: list[str] | None = None) -> None:
     try:
         state = read_original_checkpoint(source)
         config = config_for_original(state, model, base_model_name_or_path=model_args.model_name_or_path)
-        translator = translator_from_original(state, config)
+        projector = projector_from_original(state, config)
     except OriginalCheckpointError as err:
-        raise UserError(f"--original_file {err}; pass the epoch_N.pt of a translator trained on "
+        raise UserError(f"--original_file {err}; pass the epoch_N.pt of a projector trained on "
                         f"--model_name_or_path {model_args.model_name_or_path}.") from None
-    save_translator(translator, out)
-    logger.info("wrote the translator of %s (%d modules, rank %d, p %d) to %s", source, len(config.modules),
+    save_projector(projector, out)
+    logger.info("wrote the projector of %s (%d modules, rank %d, p %d) to %s", source, len(config.modules),
                 config.spec.rank, config.projector_p, out)
 
 

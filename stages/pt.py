@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from functools import partial
 
-from .errors import main_guard
+from .core.errors import main_guard
 
 
 def run_pt(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, default_data_collator
 
-    from .callbacks import JsonlLogCallback, init_wandb
-    from .common import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
-    from .data import get_dataset
-    from .data.processors import pt_blocks
-    from .deepspeed_utils import zero_stage
-    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+    from .core.callbacks import JsonlLogCallback, init_wandb
+    from .core.stage import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.data import get_dataset
+    from .core.data.processors import pt_blocks
+    from .core.distributed import zero_stage
+    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
                           parse_args)
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .trainers import StageTrainer
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.trainers import StageTrainer
 
     # 1. arguments: file + overrides, validated before anything heavy is loaded
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(

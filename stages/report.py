@@ -26,8 +26,8 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError, main_guard
-from .launching import ROOT
+from .core.errors import UserError, main_guard
+from .core.launching import ROOT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -113,7 +113,7 @@ def curves_figure(title: str, panels: list[Panel]) -> Figure | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from .callbacks import _smooth
+    from .core.callbacks import _smooth
 
     cols = min(len(panels), 2)
     rows = math.ceil(len(panels) / cols)
@@ -251,7 +251,7 @@ def _format(value: Any) -> str:
 
 def stage_figures(stage: str, folder: Path) -> dict[str, Figure]:
     """The figures of one stage folder by name ("curves", "results"), each holding data; empty ones left out."""
-    from .callbacks import read_log
+    from .core.callbacks import read_log
 
     figures = {"curves": curves_figure(f"{stage}: {repo_relative(str(folder))}", curve_panels(stage, read_log(folder))),
                "results": results_figure(f"{folder.name}: EM and F1 per method", results_rows(folder))}
@@ -290,7 +290,7 @@ def stage_blocks(stage: str, folder: Path, config: dict[str, Any], assets: Path,
         blocks.append(("table", ["metric", "value"], [[k, _format(v)] for k, v in metrics.items()]))
     rows = results_rows(folder)
     if rows:
-        from dyprag.metrics import SCORE_KEYS
+        from dyprag.scoring import SCORE_KEYS
 
         # In percent with two decimals, as prag_eval's own results.md.
         blocks += [("p", question_set(config, rows)), ("p", "Results (EM, F1, precision, recall in percent):")]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, main_guard
+from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_retrieve(argv: list[str] | None = None) -> None:
     from dyprag.records import save_records
     from dyprag.retrieval import BM25Index, CorpusError
 
-    from .hparams import parse_args
+    from .core.arguments import parse_args
 
     (args,) = parse_args([RetrieveArguments], argv, "retrieve")
     index_dir = Path(args.index_dir)

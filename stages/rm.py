@@ -23,7 +23,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from .errors import main_guard
+from .core.errors import main_guard
 
 
 def pairwise_metrics(eval_prediction) -> dict[str, float]:
@@ -43,18 +43,18 @@ def save_scores(scores, output_dir: str) -> None:
 def run_rm(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, set_seed
 
-    from .callbacks import JsonlLogCallback, init_wandb
-    from .common import prepare_output_dir, resolved_config, save_config, train_and_save
-    from .data import get_dataset
-    from .data.collator import PairwiseCollator
-    from .data.processors import pairwise
-    from .data.template import get_template
-    from .deepspeed_utils import zero_stage
-    from .errors import UserError
-    from .hparams import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
+    from .core.callbacks import JsonlLogCallback, init_wandb
+    from .core.stage import prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.data import get_dataset
+    from .core.data.collator import PairwiseCollator
+    from .core.data.processors import pairwise
+    from .core.data.template import get_template
+    from .core.distributed import zero_stage
+    from .core.errors import UserError
+    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
                           parse_args)
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .trainers import PairwiseTrainer
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.trainers import PairwiseTrainer
 
     # 1. arguments
     model_args, data_args, training_args, finetuning_args, run_args = parse_args(

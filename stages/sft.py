@@ -14,15 +14,15 @@ import json
 from functools import partial
 from pathlib import Path
 
-from .errors import main_guard
-from .hparams import IGNORE_INDEX
+from .core.errors import main_guard
+from .core.arguments import IGNORE_INDEX
 
 
 def save_predictions(dataset, predictions, labels, tokenizer, output_dir: str) -> dict[str, float]:
     """Decode, write generated_predictions.jsonl (prompt, predict, label) and score the answers."""
     import numpy as np
 
-    from .metrics import similarity_scores
+    from .core.similarity import similarity_scores
 
     pad = tokenizer.pad_token_id
     predictions = np.where(predictions != IGNORE_INDEX, predictions, pad)
@@ -40,17 +40,17 @@ def save_predictions(dataset, predictions, labels, tokenizer, output_dir: str) -
 def run_sft(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments
 
-    from .callbacks import JsonlLogCallback, init_wandb
-    from .common import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
-    from .data import get_dataset
-    from .data.collator import SupervisedCollator
-    from .data.processors import packed_supervised, prompt_only, supervised
-    from .data.template import get_template
-    from .deepspeed_utils import zero_stage
-    from .hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments,
+    from .core.callbacks import JsonlLogCallback, init_wandb
+    from .core.stage import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.data import get_dataset
+    from .core.data.collator import SupervisedCollator
+    from .core.data.processors import packed_supervised, prompt_only, supervised
+    from .core.data.template import get_template
+    from .core.distributed import zero_stage
+    from .core.arguments import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments,
                           check_optim_installed, parse_args)
-    from .loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .trainers import SupervisedTrainer
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.trainers import SupervisedTrainer
 
     # 1. arguments
     model_args, data_args, training_args, finetuning_args, generating_args, run_args = parse_args(
@@ -95,7 +95,7 @@ def run_sft(argv: list[str] | None = None) -> None:
     # 6. evaluate (loss/perplexity) and predict (generated answers + similarity)
     evaluation = dataset_module.eval_dataset
     if (training_args.do_eval or training_args.do_predict) and evaluation is None:
-        from .errors import UserError
+        from .core.errors import UserError
 
         raise UserError("--do_eval/--do_predict need --eval_dataset or --val_size > 0.")
     if training_args.do_eval and not training_args.predict_with_generate:

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny Llama + tokenizer built locally, the demo data, and stage runners.
 
 Nothing is downloaded: the tokenizer is trained on the project's own synthetic world and
-the model is initialised from a config (stages.embedded). Real text comes from
+the model is initialised from a config (stages.world.build). Real text comes from
 ../shared/data, and tests that need it skip with a reason where it is absent.
 """
 
@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def embedded_dir(tmp_path_factory) -> Path:
     """The embedded default (tiny preset): DIR/model and DIR/data."""
     out = tmp_path_factory.mktemp("embedded")
-    subprocess.run([sys.executable, "-m", "stages.embedded", "--output_dir", str(out), "--preset", "tiny",
+    subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(out), "--preset", "tiny",
                     "--num_entities", "40"], check=True, cwd=ROOT, capture_output=True)
     return out
 
@@ -69,9 +69,9 @@ def demo_data(embedded_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def pretrained_model() -> Path:
-    """SmolLM2-135M-Instruct as a plain HF folder, the way the main job gets it (stages.pretrained):
+    """SmolLM2-135M-Instruct as a plain HF folder, the way the main job gets it (stages.core.pretrained):
     the pip-shipped GGUF converted once per machine and cached, so every test of a run shares it."""
-    from stages.pretrained import smollm2_folder
+    from stages.core.pretrained import smollm2_folder
 
     return smollm2_folder()
 
@@ -141,7 +141,7 @@ def oracle_records(seed: int = 0, num_entities: int = 40, gold_only: bool = True
     """The held-out demo_qa records of world `seed` with an oracle augmentation of their gold (first) passage:
     a rewrite from the entity's facts and the world's questions about it (public PRAG format, `oracle_*`).
     `gold_only` keeps the gold passage alone in `passages`."""
-    from stages.embedded import build_datasets, generate_world, make_qa, say
+    from stages.world.build import build_datasets, generate_world, make_qa, say
 
     world = generate_world(seed, num_entities)
     questions: dict[str, list] = {}

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_stage
 
-from dyprag.augment import (HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt,
+from dyprag.qa_generation import (HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt,
                             refill)
 from dyprag.prompts import QA_PROMPT, REWRITE_PROMPT
 
@@ -150,7 +150,7 @@ def test_refill_tries_the_next_candidates_until_top_k_parsed():
 
 def test_candidates_flag_checks():
     from stages.augment import AugmentArguments
-    from stages.errors import UserError
+    from stages.core.errors import UserError
 
     assert AugmentArguments(input_file="q.txt", top_k=3).candidates == 3  # default: no replacement
     for kwargs in ({"candidates": 2}, {"candidates": 13, "keep_skipped": True}):

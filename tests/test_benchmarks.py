@@ -15,7 +15,7 @@ from conftest import run_stage
 
 from dyprag.inference import results_by_type, results_table, types_markdown
 from stages.benchmark import run_benchmark
-from stages.errors import UserError
+from stages.core.errors import UserError
 
 WIKI_TYPES = ["comparison", "inference", "compositional", "bridge_comparison"]
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.data import get_dataset
-from stages.data.collator import SupervisedCollator
-from stages.data.loading import load_aligned
-from stages.data.processors import encode_supervised, packed_supervised, pt_blocks, supervised
-from stages.data.template import get_template
-from stages.errors import UserError
-from stages.hparams import IGNORE_INDEX, DataArguments
+from stages.core.data import get_dataset
+from stages.core.data.collator import SupervisedCollator
+from stages.core.data.loading import load_aligned
+from stages.core.data.processors import encode_supervised, packed_supervised, pt_blocks, supervised
+from stages.core.data.template import get_template
+from stages.core.errors import UserError
+from stages.core.arguments import IGNORE_INDEX, DataArguments
 
 ALPACA_ROWS = [
     {"instruction": "Name the river of Zorb.", "input": "", "output": "The Glimne River."},
@@ -216,7 +216,7 @@ def test_sha1_mismatch_warns_but_loads(tmp_path, caplog):
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     registry(tmp_path, good={"file_name": "rows.json", "file_sha1": digest},
              stale={"file_name": "rows.json", "file_sha1": "0" * 40})
-    with caplog.at_level(logging.WARNING, logger="stages.data"):
+    with caplog.at_level(logging.WARNING, logger="stages.core.data"):
         assert len(load(tmp_path, "good")) == len(ALPACA_ROWS)
         assert not [r for r in caplog.records if "sha1" in r.getMessage()]
         assert len(load(tmp_path, "stale")) == len(ALPACA_ROWS)
@@ -392,7 +392,7 @@ def test_rows_with_nothing_to_learn_are_dropped_and_counted(tmp_path, tokenizer,
     write_rows(tmp_path / "unanswered.json", [{"instruction": "Hi", "input": "", "output": None}])
     registry(tmp_path, chats={"file_name": "chats.json", "formatting": "sharegpt"},
              unanswered={"file_name": "unanswered.json"})
-    with caplog.at_level(logging.INFO, logger="stages.data"):
+    with caplog.at_level(logging.INFO, logger="stages.core.data"):
         rows = _sft_rows(DataArguments(dataset="chats", dataset_dir=str(tmp_path)), tokenizer).train_dataset
     assert [label_spans(r["input_ids"], r["labels"]) for r in rows] == [
         [tokenizer.encode("Hello", add_special_tokens=False) + [tokenizer.eos_token_id]]]
@@ -404,7 +404,7 @@ def test_rows_with_nothing_to_learn_are_dropped_and_counted(tmp_path, tokenizer,
 def test_rows_longer_than_cutoff_len_are_cut_kept_and_counted(tmp_path, tokenizer, caplog):
     write_rows(tmp_path / "long.json", [{"instruction": "Hi", "output": "word " * count} for count in (1, 40, 60)])
     registry(tmp_path, long={"file_name": "long.json"})
-    with caplog.at_level(logging.INFO, logger="stages.data"):
+    with caplog.at_level(logging.INFO, logger="stages.core.data"):
         rows = _sft_rows(DataArguments(dataset="long", dataset_dir=str(tmp_path), cutoff_len=24), tokenizer,
                          cutoff_len=24).train_dataset
     assert sorted(len(ids) for ids in rows["input_ids"])[1:] == [24, 24] and "_truncated" not in rows.column_names

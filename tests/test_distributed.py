@@ -57,11 +57,11 @@ def _eval_rows(tiny_model: Path, demo_data: Path, out: Path) -> list[dict]:
     """The rows the run evaluated on, tokenized by the project's own pipeline."""
     from transformers import Seq2SeqTrainingArguments
 
-    from stages.data import get_dataset
-    from stages.data.processors import supervised
-    from stages.data.template import get_template
-    from stages.hparams import DataArguments, ModelArguments, parse_args
-    from stages.loader import load_tokenizer
+    from stages.core.data import get_dataset
+    from stages.core.data.processors import supervised
+    from stages.core.data.template import get_template
+    from stages.core.arguments import DataArguments, ModelArguments, parse_args
+    from stages.core.loader import load_tokenizer
 
     model_args, data_args, training_args = parse_args(
         [ModelArguments, DataArguments, Seq2SeqTrainingArguments],
@@ -89,9 +89,9 @@ def test_sft_lora_two_ranks(zero, how, tiny_model, demo_data, base_snapshot, tmp
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.callbacks import read_log
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import load_model, load_tokenizer
+    from stages.core.callbacks import read_log
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import load_model, load_tokenizer
 
     out = tmp_path / "sft"
     args = _sft_args(tiny_model, demo_data, out)
@@ -199,7 +199,7 @@ def test_pt_two_ranks_with_eval_resumes_from_its_checkpoint(tiny_model, demo_dat
     The optimizer state saved is whatever the optimizer keeps per element: SGD's momentum buffer (and no step
     count), RMSprop's square_avg, momentum buffer and step count, Adam's two moments and step count (one per
     weight here: a step count shared between them would be advanced once per weight)."""
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     out = tmp_path / "pt"
     args = ["--model_name_or_path", tiny_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
@@ -243,7 +243,7 @@ def test_pt_two_ranks_mixed_precision_state_resumes(tiny_model, demo_data, tmp_p
     """
     from safetensors.torch import load_file
 
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     if precision == "fp16":
@@ -293,7 +293,7 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 import deepspeed
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
-from stages.deepspeed_utils import (gather_optimizer_state, gather_weights, optimizer_step, restore_optimizer_state,
+from stages.core.distributed import (gather_optimizer_state, gather_weights, optimizer_step, restore_optimizer_state,
                                     restore_weights)
 
 deepspeed.init_distributed()

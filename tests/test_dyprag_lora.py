@@ -103,7 +103,7 @@ def _llama_4bit(tiny_model) -> tuple:
     """The tiny Llama with 4-bit (nf4) base weights, loaded twice (bitsandbytes modules do not deep-copy)."""
     from transformers import AutoModelForCausalLM
 
-    from stages.loader import build_quantization_config
+    from stages.core.loader import build_quantization_config
 
     config = build_quantization_config(4, "nf4", True, torch.float32)
     return tuple(AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=config,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dyprag.metrics import evaluate, exact_match, extract_answer, f1_score, normalize_answer
+from dyprag.scoring import evaluate, exact_match, extract_answer, f1_score, normalize_answer
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,4 +1,4 @@
-"""The embedded default (stages.embedded): world, datasets, tokenizer, tiny model, CLI."""
+"""The embedded default (stages.world.build): world, datasets, tokenizer, tiny model, CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import embedded
-from stages.errors import UserError
+from stages.world import build as embedded
+from stages.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,9 +106,9 @@ def test_every_dataset_info_entry_has_its_file_and_columns(demo_data):
         for row in rows:
             assert set(declared) <= set(row), (name, row)
             assert all(isinstance(row[c], (str, list, int)) for c in declared), (name, row)
-    # The augmentation rows are what dyprag.augment asks and accepts: the original prompts,
+    # The augmentation rows are what dyprag.qa_generation asks and accepts: the original prompts,
     # replies that parse into three QA pairs about the passage's entity.
-    from dyprag.augment import parse_qa, qa_prompt
+    from dyprag.qa_generation import parse_qa, qa_prompt
     from dyprag.prompts import REWRITE_PROMPT
 
     augment = _rows(demo_data / "demo_augment.json")
@@ -141,7 +141,7 @@ def test_cli_data_equals_the_library_data(demo_data, tmp_path):
 
 
 def test_dataset_info_resolves_in_the_project_registry(demo_data):
-    from stages.data.registry import get_dataset_attrs
+    from stages.core.data.registry import get_dataset_attrs
 
     attrs = {a.name: a for a in get_dataset_attrs(["demo_pt", "demo_sft", "demo_sft_chat", "demo_pref"],
                                                   str(demo_data))}
@@ -176,7 +176,7 @@ def test_tokenizer_round_trips_and_has_its_special_tokens(tiny_model):
 def test_chat_template_renders_by_appending(tiny_model):
     from transformers import AutoTokenizer
 
-    from stages.data.template import ChatTemplate
+    from stages.core.data.template import ChatTemplate
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     messages = [{"role": "user", "content": "Who is Alvo?"}, {"role": "assistant", "content": "A poet."},
@@ -261,7 +261,7 @@ def test_tiny_model_learns_the_world(tiny_model, demo_data):
 # --------------------------------------------------------------------------------- CLI
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.embedded", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stages.world.build", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

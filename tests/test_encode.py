@@ -12,7 +12,7 @@ import torch
 from conftest import SHARED_DATA, launch, run_stage
 
 from dyprag.bank import LoraBank, LoraBankError, LoraBankWriter, merge_parts
-from dyprag.encode import (EncodeConfig, StepReport, encode_batch, init_lora, linear_cross_entropy, loss_head,
+from dyprag.passage_training import (EncodeConfig, StepReport, encode_batch, init_lora, linear_cross_entropy, loss_head,
                            passage_texts, training_tokens)
 from dyprag.lora import LoraSpec, inject_lora, save_peft_adapter
 
@@ -115,14 +115,14 @@ def test_linear_cross_entropy_matches_the_full_logits_loss_and_gradient():
     expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
     (expected * weights).sum().backward()
     expected_grad, hidden.grad = hidden.grad.clone(), None
-    import dyprag.encode as encode
+    import dyprag.passage_training as passage_training
 
-    chunk = encode.LOGITS_PER_CHUNK
-    encode.LOGITS_PER_CHUNK = 3 * 50
+    chunk = passage_training.LOGITS_PER_CHUNK
+    passage_training.LOGITS_PER_CHUNK = 3 * 50
     try:
         got = linear_cross_entropy(hidden, head, targets, 50)
     finally:
-        encode.LOGITS_PER_CHUNK = chunk
+        passage_training.LOGITS_PER_CHUNK = chunk
     (got * weights).sum().backward()
     torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hidden.grad, expected_grad, atol=1e-5, rtol=1e-5)

@@ -72,7 +72,7 @@ def test_ppo_learns_and_the_reference_stays_fixed(sft_and_rm, yes_no_data, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     sft, rm = sft_and_rm
     out = tmp_path / "ppo"
@@ -120,10 +120,10 @@ def test_reward_is_the_value_model_with_its_adapter_off(sft_and_rm):
     from transformers import AutoTokenizer
     from trl.experimental.utils import get_reward
 
-    from stages.hparams import FinetuningArguments
-    from stages.loader import load_model
+    from stages.core.arguments import FinetuningArguments
+    from stages.core.loader import load_model
     from stages.ppo import reward_model_args
-    from stages.ppo_trainer import AdapterOffReward
+    from stages.core.ppo_trainer import AdapterOffReward
 
     _, rm = sft_and_rm
     tokenizer = AutoTokenizer.from_pretrained(rm)
@@ -156,7 +156,7 @@ def test_response_logits_equal_the_whole_sequence_slice_in_value_and_gradient(ti
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import selective_log_softmax
 
-    from stages.ppo_trainer import ResponseLogits, ResponseLogitsHooks
+    from stages.core.ppo_trainer import ResponseLogits, ResponseLogitsHooks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_rollout_scores_are_trls_and_each_chunk_is_handed_out_once(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from trl.experimental.ppo.ppo_trainer import batch_generation
 
-    from stages.ppo_trainer import generation_by_chunks
+    from stages.core.ppo_trainer import generation_by_chunks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -240,7 +240,7 @@ def test_rollout_scores_are_trls_and_each_chunk_is_handed_out_once(tiny_model):
 def test_full_tuning_trains_beside_a_frozen_reference_and_reward(sft_and_rm, yes_no_data, tmp_path):
     """Full tuning cannot disable an adapter: the reference and the reward model are frozen copies
     (TRL's default), and the policy is saved as a whole model."""
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     sft, rm = sft_and_rm
     out = tmp_path / "ppo_full"
@@ -325,7 +325,7 @@ def _assert_same_tensors(whole: Path, resumed: Path, names: tuple[str, ...]) -> 
 def test_sigkill_while_saving_then_resume_matches_the_uninterrupted_run(sft_and_rm, yes_no_data, tmp_path):
     """Killed while writing checkpoint-2: checkpoint-1 stays whole, and resuming from it ends where a run
     that was never interrupted ends (policy, value model, Adam moments, the logged rewards)."""
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     sft, rm = sft_and_rm
     args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
@@ -355,7 +355,7 @@ def test_nan_loss_stops_or_is_skipped(sft_and_rm, yes_no_data, tmp_path):
     finishes, counts the batch, and leaves finite weights."""
     from safetensors.torch import load_file
 
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     sft, rm = sft_and_rm
     args = ["--model_name_or_path", sft, "--reward_model", rm, "--dataset_dir", yes_no_data, *PPO_SHORT]
@@ -419,9 +419,9 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, chain_sft_rm, tmp_p
     from test_wandb import read_wandb_records
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.callbacks import read_log
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import load_model, load_tokenizer
+    from stages.core.callbacks import read_log
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import load_model, load_tokenizer
 
     wandb_dir = chain_sft_rm["wandb"]
     env = _chain_env(wandb_dir)
@@ -483,7 +483,7 @@ def test_chain_sft_rm_ppo_two_ranks(tiny_model, yes_no_data, chain_sft_rm, tmp_p
 def test_ppo_zero3_two_ranks_saves_and_resumes(tiny_model, yes_no_data, chain_sft_rm, tmp_path):
     """ppo under ZeRO-3 (policy, value model and reward model partitioned over two ranks): it trains, its
     checkpoint holds whole tensors, and resuming from checkpoint-1 ends where the uninterrupted run ended."""
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     env = _chain_env(tmp_path, "zero3")  # its own W&B folder: the chain test counts the runs of its group
     ppo, resumed = tmp_path / "ppo", tmp_path / "ppo_resumed"

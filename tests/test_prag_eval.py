@@ -14,7 +14,7 @@ facts): "The answer is X." after the question, with the entity's passage in cont
 closed-book, about the entities of other seeds' worlds (never the eval's). PRAG must then
 answer the held-out questions from the passage LoRAs alone, clearly better than vanilla, and a
 control with every question given another entity's LoRA must lose that gain. DyPRAG (part 2) on
-the same task: a translator trained on five entities' passages and their bank LoRAs must close
+the same task: a projector trained on five entities' passages and their bank LoRAs must close
 most of the vanilla -> PRAG gap on those passages, and lose it given another entity's passage.
 
 Standard RAG is run and printed but not asserted: reading a value out of a passage in context
@@ -54,7 +54,7 @@ METHODS = ["vanilla", "rag", "prag", "prag_combine"]
 def _sft_rows(seed: int, rng: random.Random) -> list[dict[str, str]]:
     """PRAG-prompt QA rows about one world: the entity's passage in context, a quarter closed-book too."""
     from dyprag.prompts import qa_turns
-    from stages.embedded import generate_world, make_passages, make_qa
+    from stages.world.build import generate_world, make_passages, make_qa
 
     world = generate_world(seed, 40)
     passages = {p["id"]: p["text"] for p in make_passages(world)}
@@ -170,11 +170,11 @@ def test_prag_knowledge_comes_from_the_question_s_own_passage(evaluated, tmp_pat
 
 
 def test_dyprag_closes_the_gap_on_its_training_passages(evaluated, tmp_path):
-    """DyPRAG on this task: a translator trained (stages.projector) on the passages of five of the
+    """DyPRAG on this task: a projector trained (stages.projector) on the passages of five of the
     eight entities turns those passages into LoRAs that close most of the vanilla -> PRAG gap on
     their questions; given another entity's passage the gain is gone (it reads the passage, it did
     not memorise answers). The three held-out entities' rows are printed next to vanilla, RAG and
-    PRAG, not asserted: a translator trained on five passages is not expected to generalise."""
+    PRAG, not asserted: a projector trained on five passages is not expected to generalise."""
     records = json.loads(evaluated["records"].read_text())
     seen = set(list(dict.fromkeys(r["entity_id"] for r in records))[:5])
     train = [r for r in records if r["entity_id"] in seen]

@@ -1,4 +1,4 @@
-"""DyPRAG part 2: the parameter translator, its training stage on DeepSpeed, generated adapters, DyPRAG rows."""
+"""DyPRAG part 2: the parameter projector, its training stage on DeepSpeed, generated adapters, DyPRAG rows."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from dyprag.bank import LoraBank
 from dyprag.lora import LoraSpec, inject_lora, save_peft_adapter, select, target_module_names
-from dyprag.translator import (ParameterTranslator, TranslatorConfig, TranslatorLoras, combine_loras,
-                               distillation_losses, load_translator, pad_right, passage_hidden, qa_text,
+from dyprag.projector_model import (Projector, ProjectorConfig, ProjectorLoras, combine_loras,
+                               distillation_losses, load_projector, pad_right, passage_hidden, qa_text,
                                tokenize_passages)
 
 SPEC = LoraSpec()
@@ -81,10 +81,10 @@ def _logits(model, ids):
 IDS = torch.randint(4, 1000, (2, 14), generator=torch.Generator().manual_seed(0))
 
 
-def test_translator_starts_near_zero(model, tokenizer, records):
+def test_projector_starts_near_zero(model, tokenizer, records):
     torch.manual_seed(0)
-    translator = ParameterTranslator(TranslatorConfig.for_model(model, SPEC))
-    generated = translator(_hidden(model, tokenizer, [r["passages"][0] for r in records[:2]]))
+    projector = Projector(ProjectorConfig.for_model(model, SPEC))
+    generated = projector(_hidden(model, tokenizer, [r["passages"][0] for r in records[:2]]))
     assert list(generated) == target_module_names(model, SPEC)
     for name, (lora_a, lora_b) in generated.items():
         module = model.get_submodule(name)
@@ -96,7 +96,7 @@ def test_translator_starts_near_zero(model, tokenizer, records):
 
 
 def test_loss_terms_equal_a_per_sample_reference(model, tokenizer, records, bank_dir):
-    """Batched, padded distillation_losses == per-sample unpadded sums over answer tokens; only the translator
+    """Batched, padded distillation_losses == per-sample unpadded sums over answer tokens; only the projector
     gets gradients."""
     import torch.nn.functional as F
 
@@ -107,8 +107,8 @@ def test_loss_terms_equal_a_per_sample_reference(model, tokenizer, records, bank
     input_ids = pad_right([t for t, _ in texts], tokenizer.pad_token_id)
     labels = pad_right([[-100] * start + text[start:] for text, start in texts], -100)
     torch.manual_seed(0)
-    translator = ParameterTranslator(TranslatorConfig.for_model(model, SPEC, init_std=1e-2))
-    generated = translator(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
+    projector = Projector(ProjectorConfig.for_model(model, SPEC, init_std=1e-2))
+    generated = projector(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
     terms = distillation_losses(model, generated, real, SPEC.scaling, input_ids, labels)
 
     nll, kl, tokens = 0.0, 0.0, 0
@@ -131,7 +131,7 @@ def test_loss_terms_equal_a_per_sample_reference(model, tokenizer, records, bank
     torch.testing.assert_close(exact["lm"], exact["teacher_lm"])
 
     (terms["lm"] + terms["kl"] + terms["mse"]).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in translator.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -146,8 +146,8 @@ def test_original_objective_equals_the_originals_step_without_padding(model, tok
     input_ids = pad_right(texts, tokenizer.pad_token_id)
     labels = pad_right(texts, -100)
     torch.manual_seed(0)
-    translator = ParameterTranslator(TranslatorConfig.for_model(model, SPEC, init_std=1e-2))
-    generated = translator(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
+    projector = Projector(ProjectorConfig.for_model(model, SPEC, init_std=1e-2))
+    generated = projector(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
     terms = distillation_losses(model, generated, real, SPEC.scaling, input_ids, labels, student_scaling=1.0,
                                 kl_per_text=True)
 
@@ -177,7 +177,7 @@ def test_original_objective_equals_the_originals_step_without_padding(model, tok
 
 def test_pairs_meet_their_lora_by_key_in_any_record_order(tokenizer, records, bank_dir):
     """A passage's teacher is the bank row of its own key "<test_id>_<pid>", whatever order the records come in
-    (the original matches its translator's passages with the encoded LoRAs by position)."""
+    (the original matches its projector's passages with the encoded LoRAs by position)."""
     from stages.projector import ProjectorArguments, Teachers, build_pairs
 
     bank = LoraBank(bank_dir)
@@ -225,17 +225,17 @@ def test_one_process_training(trained, tiny_model, model, demo_data, bank_dir, t
     for r in log:
         assert {k: history[r["step"]][f"projector/{k}"] for k in ("loss", "lm_loss", "kl_loss", "mse_loss")} == \
             {k: r[k] for k in ("loss", "lm_loss", "kl_loss", "mse_loss")}
-    # The translator trained away from its (seeded) initialisation; the base model is never written.
+    # The projector trained away from its (seeded) initialisation; the base model is never written.
     from transformers import set_seed
 
     set_seed(42)
-    initial = ParameterTranslator(TranslatorConfig.for_model(model, SPEC)).state_dict()
-    final = load_file(str(trained / "translator.safetensors"))
+    initial = Projector(ProjectorConfig.for_model(model, SPEC)).state_dict()
+    final = load_file(str(trained / "projector.safetensors"))
     assert set(final) == set(initial) and all(not torch.equal(final[k], initial[k]) for k in final)
     assert not list(trained.rglob("*.bin")) and not list(trained.rglob("*.pt")) and not list(trained.rglob("*.pth"))
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     for checkpoint in trained.glob("checkpoint-*"):
-        assert {p.name for p in checkpoint.iterdir()} == {"translator.safetensors", "translator_config.json",
+        assert {p.name for p in checkpoint.iterdir()} == {"projector.safetensors", "projector_config.json",
                                                           "optimizer.safetensors", "rng.safetensors",
                                                           "trainer_state.json"}
     # Resuming from step 4 in another folder reproduces the uninterrupted run.
@@ -244,7 +244,7 @@ def test_one_process_training(trained, tiny_model, model, demo_data, bank_dir, t
                                            "--save_steps", "4", "--resume_from_checkpoint", trained / "checkpoint-4"))
     assert [json.loads(line)["step"] for line in (resumed / "trainer_log.jsonl").read_text().splitlines()] == \
         list(range(5, 13))
-    again = load_file(str(resumed / "translator.safetensors"))
+    again = load_file(str(resumed / "projector.safetensors"))
     for key in final:
         torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)
 
@@ -252,9 +252,9 @@ def test_one_process_training(trained, tiny_model, model, demo_data, bank_dir, t
 def test_generated_adapter_loads_with_plain_peft(trained, model, tokenizer, records, tmp_path):
     from peft import PeftModel
 
-    translator = load_translator(trained)
+    projector = load_projector(trained)
     passages = [r["passages"][0] for r in records[:3]]
-    generated = TranslatorLoras(translator, model, tokenizer).generate(passages)
+    generated = ProjectorLoras(projector, model, tokenizer).generate(passages)
     base = _logits(model, IDS)
     # One passage, written in-process; three combined by averaging deltas, written by the export stage.
     save_peft_adapter(generated, 0, SPEC, "tiny", tmp_path / "one")
@@ -296,26 +296,26 @@ def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, 
     launch("projector", *args)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["steps_per_epoch"] == 2  # 8 pairs / (2 ranks x 2)
-    final = load_file(str(out / "translator.safetensors"))
-    assert not torch.equal(final["kinds.up_proj.w_b"], load_file(str(out / "checkpoint-2" / "translator.safetensors"))
+    final = load_file(str(out / "projector.safetensors"))
+    assert not torch.equal(final["kinds.up_proj.w_b"], load_file(str(out / "checkpoint-2" / "projector.safetensors"))
                            ["kinds.up_proj.w_b"])
     # As if killed after step 2: resume `auto` picks checkpoint-2 and continues the step count to 4.
     shutil.rmtree(out / "checkpoint-4")
-    (out / "translator.safetensors").unlink()
+    (out / "projector.safetensors").unlink()
     launch("projector", *args, "--resume_from_checkpoint", "auto")
     steps = [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 3, 4]
-    again = load_file(str(out / "translator.safetensors"))
+    again = load_file(str(out / "projector.safetensors"))
     for key in final:
         torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=0)
-    # ZeRO-3: the frozen model partitioned across the ranks (the translator under ZeRO-2) trains the same translator.
+    # ZeRO-3: the frozen model partitioned across the ranks (the projector under ZeRO-2) trains the same projector.
     partitioned = tmp_path / "zero3"
     result = launch("projector", *projector_args(tiny_model, demo_data, bank_dir, partitioned, "--max_steps", "4",
                                                  "--save_steps", "2", "--deepspeed", "ds_configs/zero3.json"))
     line = next(line for line in result.stderr.splitlines() if "frozen model partitioned" in line)  # rank 0's
     held, _, _, total = line.split("holds ")[1].split()[:4]
     assert 0 < int(held) <= int(total) // 2 + 1000, line  # half of the weights (+ padding) on each of 2 ranks
-    zero3 = load_file(str(partitioned / "translator.safetensors"))
+    zero3 = load_file(str(partitioned / "projector.safetensors"))
     for key in final:
         torch.testing.assert_close(zero3[key], final[key], atol=1e-5, rtol=0)
     assert _sha256(weights) == before  # the frozen base is never written
@@ -323,7 +323,7 @@ def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, 
 
 def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
     """--qa_pairs first --qa_with_passage --with_cot: one chain-of-thought text per passage, with the passage in
-    context and the QA's full_answer; --objective original saves a translator injected unscaled (alpha = r)."""
+    context and the QA's full_answer; --objective original saves a projector injected unscaled (alpha = r)."""
     from conftest import SHARED_DATA
 
     real = SHARED_DATA / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
@@ -341,7 +341,7 @@ def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
                        "--fewshot_file", fewshot, "--objective", "original", "--report_to", "none")
     passages = sum(len(r["augment"]) for r in json.loads(real.read_text())[:2])
     assert f"{passages} training pairs (dropped: 0 longer" in result.stderr  # one text per passage
-    config = json.loads((out / "translator_config.json").read_text())
+    config = json.loads((out / "projector_config.json").read_text())
     assert config["spec"]["alpha"] == config["spec"]["rank"] == 2
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # finite, not NaN

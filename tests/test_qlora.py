@@ -23,21 +23,21 @@ def test_qlora_sft_steps(bits, tiny_model, demo_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.loader
-    from stages.callbacks import read_log
-    from stages.loader import build_quantization_config
+    import stages.core.loader
+    from stages.core.callbacks import read_log
+    from stages.core.loader import build_quantization_config
     from stages.sft import run_sft
 
     held = {}
-    load_model = stages.loader.load_model
+    load_model = stages.core.loader.load_model
 
-    def load_and_hold(*args, **kwargs):  # run_sft imports load_model from stages.loader when it runs
+    def load_and_hold(*args, **kwargs):  # run_sft imports load_model from stages.core.loader when it runs
         model = load_model(*args, **kwargs)
         held["model"] = model
         held["before"] = {name: p.detach().clone() for name, p in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(stages.loader, "load_model", load_and_hold)
+    monkeypatch.setattr(stages.core.loader, "load_model", load_and_hold)
     out = tmp_path / f"qlora{bits}"
     quant_flags = ["--quantization_bit", str(bits)]
     if bits == 4:
@@ -87,7 +87,7 @@ def test_qlora_sft_steps(bits, tiny_model, demo_data, tmp_path, monkeypatch):
 
 
 def test_build_quantization_config_is_a_pure_function_of_its_flags():
-    from stages.loader import build_quantization_config
+    from stages.core.loader import build_quantization_config
 
     assert build_quantization_config(None, "nf4", True, torch.bfloat16) is None
 

@@ -15,7 +15,7 @@ import pytest
 
 
 def _losses(out) -> list[float]:
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     return [r["loss"] for r in read_log(out) if "loss" in r]
 
@@ -38,7 +38,7 @@ def test_pt_on_c4(real_data, tiny_model, tmp_path):
 
 
 def test_sft_on_alpaca_then_predict_with_generate(real_data, tiny_model, tmp_path):
-    from stages.metrics import similarity_scores
+    from stages.core.similarity import similarity_scores
     from stages.sft import run_sft
 
     source = json.loads((real_data / "dataset_info.json").read_text())["alpaca_en_demo"]["file_name"]
@@ -68,7 +68,7 @@ def test_sft_on_alpaca_then_predict_with_generate(real_data, tiny_model, tmp_pat
 
 
 def test_similarity_scores_on_hand_checked_cases():
-    from stages.metrics import similarity_scores
+    from stages.core.similarity import similarity_scores
 
     keys = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
     same = similarity_scores(["the cat sat on the mat", "我爱北京天安门"], ["the cat sat on the mat", "我爱北京天安门"])

@@ -1,4 +1,4 @@
-"""Every stage for a few steps on a real pretrained model: SmolLM2-135M-Instruct (stages/pretrained.py).
+"""Every stage for a few steps on a real pretrained model: SmolLM2-135M-Instruct (stages/core/pretrained.py).
 
 Its details are what the tiny test model lacks: pad == eos == `<|im_end|>`, a ChatML chat template that
 adds a default system prompt, tied input/output embeddings and grouped-query attention (9 query / 3
@@ -40,8 +40,8 @@ STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_r
 
 @pytest.fixture(scope="module")
 def tokenizer(pretrained_model: Path) -> Any:
-    from stages.hparams import ModelArguments
-    from stages.loader import load_tokenizer
+    from stages.core.arguments import ModelArguments
+    from stages.core.loader import load_tokenizer
 
     return load_tokenizer(ModelArguments(model_name_or_path=str(pretrained_model)))
 
@@ -61,10 +61,10 @@ def _rows(tokenizer: Any, data: Path, dataset: str, processor: Callable, tmp_pat
     """
     from transformers import Seq2SeqTrainingArguments
 
-    from stages.data import get_dataset
-    from stages.data.processors import packed_supervised, pt_blocks, supervised
-    from stages.data.template import get_template
-    from stages.hparams import DataArguments
+    from stages.core.data import get_dataset
+    from stages.core.data.processors import packed_supervised, pt_blocks, supervised
+    from stages.core.data.template import get_template
+    from stages.core.arguments import DataArguments
 
     args = DataArguments(dataset=dataset, dataset_dir=str(data), **data_args)
     kwargs: dict[str, Any] = {"tokenizer": tokenizer, "cutoff_len": args.cutoff_len}
@@ -116,8 +116,8 @@ def test_chatml_rows_learn_answer_and_eos_with_default_system(tokenizer, demo_da
     (the newline ChatML writes after it opens the next turn and is never learnt); packed rows keep every
     sample's eos labelled; the collator pads input with the eos but never masks the answer's eos; pt blocks
     are the texts each closed by a labelled eos."""
-    from stages.data.collator import SupervisedCollator
-    from stages.data.processors import packed_supervised, pt_blocks, supervised
+    from stages.core.data.collator import SupervisedCollator
+    from stages.core.data.processors import packed_supervised, pt_blocks, supervised
 
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos and tokenizer.convert_ids_to_tokens(eos) == "<|im_end|>"
@@ -197,7 +197,7 @@ def test_sft_zero3_two_ranks_adapter_reloads_with_its_eval_loss(sft_zero3, pretr
     counts each answer's eos (without the eos labels it would be another number)."""
     from peft import PeftModel
 
-    from stages.data.processors import supervised
+    from stages.core.data.processors import supervised
 
     losses = [r["loss"] for r in map(json.loads, (sft_zero3 / "trainer_log.jsonl").read_text().splitlines())
               if "loss" in r]
@@ -270,8 +270,8 @@ def test_pt_qlora_4bit_adapter_reloads_with_its_eval_loss(pretrained_model, demo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.data.processors import pt_blocks
-    from stages.loader import build_quantization_config
+    from stages.core.data.processors import pt_blocks
+    from stages.core.loader import build_quantization_config
 
     out = tmp_path / "pt"
     run_stage("pt", "--model_name_or_path", pretrained_model, "--dataset", "demo_pt", "--dataset_dir", demo_data,
@@ -310,9 +310,9 @@ def test_rm_zero2_two_ranks_value_head_reloads_with_its_scores(rm_zero2, pretrai
     Rows end with the answer's eos, and the rm scores them at the last token before it (pad == eos)."""
     from transformers import AutoModelForSequenceClassification
 
-    from stages.data.processors import pairwise
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import load_model
+    from stages.core.data.processors import pairwise
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import load_model
 
     shapes = _adapter_shapes(rm_zero2)
     assert [shape for key, shape in shapes.items() if key.endswith("score.weight")] == [(1, HIDDEN)]
@@ -345,8 +345,8 @@ def test_ppo_rollouts_keep_prompt_eos_and_score_where_the_rm_pools(rm_zero2, dem
     from trl.experimental.ppo.ppo_trainer import truncate_response
     from trl.experimental.utils import first_true_indices, get_reward
 
-    from stages.data.processors import prompt_only
-    from stages.ppo_trainer import rollout_pad_token, score_positions
+    from stages.core.data.processors import prompt_only
+    from stages.core.ppo_trainer import rollout_pad_token, score_positions
 
     eos = tokenizer.eos_token_id
     prompts = _rows(tokenizer, demo_data, "demo_sft_chat", prompt_only, tmp_path, max_samples=2, cutoff_len=256)
@@ -476,7 +476,7 @@ def test_projector_export_adapter_injects_as_peft_loads_it(dyprag_run, pretraine
     from peft import PeftModel
 
     from dyprag.lora import inject_lora, select
-    from dyprag.translator import TranslatorLoras, combine_loras, load_translator
+    from dyprag.projector_model import ProjectorLoras, combine_loras, load_projector
 
     log = [json.loads(line) for line in (dyprag_run["projector"] / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
@@ -485,15 +485,15 @@ def test_projector_export_adapter_injects_as_peft_loads_it(dyprag_run, pretraine
     run_stage("projector_export", "--projector_dir", dyprag_run["projector"], "--passages_file",
               tmp_path / "passages.json", "--combination", "deltas", "--output_dir", tmp_path / "generated")
     assert json.loads((tmp_path / "generated" / "adapter_config.json").read_text())["r"] == 4
-    translator = load_translator(dyprag_run["projector"])
-    assert translator.config.base_model_name_or_path == str(pretrained_model)
-    generated = TranslatorLoras(translator, base_model, tokenizer).generate(passages)
+    projector = load_projector(dyprag_run["projector"])
+    assert projector.config.base_model_name_or_path == str(pretrained_model)
+    generated = ProjectorLoras(projector, base_model, tokenizer).generate(passages)
     lora = combine_loras([select(generated, i) for i in range(len(passages))], "deltas")
     ids = torch.randint(100, 40000, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "generated").eval()(
             input_ids=ids).logits
-        with inject_lora(base_model, lora, translator.config.spec.scaling):
+        with inject_lora(base_model, lora, projector.config.spec.scaling):
             injected = base_model(input_ids=ids).logits
         assert (expected - base_model(input_ids=ids).logits).abs().max() > 0
     torch.testing.assert_close(injected, expected, atol=1e-4, rtol=1e-4)

@@ -108,7 +108,7 @@ def test_optimizer_state_goes_through_safetensors_and_json(optim, tmp_path):
     optimizer, the next step is the original's."""
     from transformers import Trainer, TrainingArguments
 
-    from stages.trainers import optimizer_state_from_files, optimizer_state_to_files
+    from stages.core.trainers import optimizer_state_from_files, optimizer_state_to_files
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
         TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none"))
@@ -167,7 +167,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from stages.errors import main_guard
+from stages.core.errors import main_guard
 
 out = Path(sys.argv[1])
 worker_done = threading.Event()
@@ -208,7 +208,7 @@ KILL_DURING_SAVE = '''
 import os
 import signal
 
-from stages.trainers import StageTrainer
+from stages.core.trainers import StageTrainer
 
 save_rng = StageTrainer._save_rng_state
 
@@ -265,14 +265,14 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     assert tail == pytest.approx({step: losses[step] for step in (2, 3, 4)}, abs=1e-5)
 
 
-@pytest.mark.parametrize("leftover", [".saving/checkpoint-1/model.safetensors", ".checkpoint-1.tmp/translator.safetensors"])
+@pytest.mark.parametrize("leftover", [".saving/checkpoint-1/model.safetensors", ".checkpoint-1.tmp/projector.safetensors"])
 def test_a_run_killed_during_its_first_save_starts_again_without_overwrite(leftover, tmp_path):
     """Nothing whole was written (only run_config.json and a half checkpoint): the same command starts anew.
     Anything else in the folder is a run and is refused, with the fix that applies (resume only from a checkpoint)."""
     from types import SimpleNamespace
 
-    from stages.common import prepare_output_dir
-    from stages.errors import UserError
+    from stages.core.stage import prepare_output_dir
+    from stages.core.errors import UserError
 
     out = tmp_path / "run"
     (out / leftover).parent.mkdir(parents=True)
@@ -346,7 +346,7 @@ def encode_batches(tiny_model, encode_records) -> list[list[str]]:
     """The passage ids of each batch of the ENCODE runs, as stages.encode plans them."""
     from transformers import AutoTokenizer
 
-    from dyprag.encode import passage_texts, plan_batches
+    from dyprag.passage_training import passage_texts, plan_batches
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     records = json.loads(encode_records.read_text())
@@ -358,9 +358,9 @@ def encode_batches(tiny_model, encode_records) -> list[list[str]]:
 def diverge_after_first_update(monkeypatch, batch: int, row: int) -> None:
     """The LoRA of row `row` of the `batch`-th batch (from 1) blows up (1e30) at its first update, as a far too
     high learning rate does: its next forward, through the real code, gives a non-finite loss."""
-    import dyprag.encode
+    import dyprag.passage_training
 
-    encode_batch, step = dyprag.encode.encode_batch, dyprag.encode.BatchedAdamW.step
+    encode_batch, step = dyprag.passage_training.encode_batch, dyprag.passage_training.BatchedAdamW.step
     batches = 0
 
     def counting_batch(*args, **kwargs):
@@ -375,8 +375,8 @@ def diverge_after_first_update(monkeypatch, batch: int, row: int) -> None:
                 for param in self.params:
                     param[row] = 1e30
 
-    monkeypatch.setattr(dyprag.encode, "encode_batch", counting_batch)
-    monkeypatch.setattr(dyprag.encode.BatchedAdamW, "step", diverging_step)
+    monkeypatch.setattr(dyprag.passage_training, "encode_batch", counting_batch)
+    monkeypatch.setattr(dyprag.passage_training.BatchedAdamW, "step", diverging_step)
 
 
 def assert_same_loras(bank_dir, reference_dir, ids, atol: float = 1e-6) -> None:
@@ -461,7 +461,7 @@ def projector_args(tiny_model, records, bank_dir, out, *extra) -> list:
 
 
 def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, encode_records, clean_bank, tmp_path):
-    from dyprag.translator import load_translator
+    from dyprag.projector_model import load_projector
 
     out = tmp_path / "run"
     result = run_stage("projector", *projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "1e30"),
@@ -472,15 +472,15 @@ def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, enco
         last
     assert "--resume_from_checkpoint auto" in last and "--nan_policy skip" in last and "Traceback" not in result.stderr
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
-    assert not (out / "translator.safetensors").exists()
-    translator = load_translator(out / "checkpoint-1")
-    assert all(bool(param.isfinite().all()) for param in translator.parameters())
+    assert not (out / "projector.safetensors").exists()
+    projector = load_projector(out / "checkpoint-1")
+    assert all(bool(param.isfinite().all()) for param in projector.parameters())
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
 
 
 def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, encode_records, clean_bank, tmp_path):
     """Steps 2-4 are skipped; with beta1 0 and no weight decay a zero gradient moves nothing, so the final
-    translator is checkpoint-1's exactly."""
+    projector is checkpoint-1's exactly."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -492,7 +492,7 @@ def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, encode_records, cl
     assert log[0]["loss"] > 1 and "skipped_batches" not in log[0]
     assert [(row["skipped_batches"], row["loss"]) for row in log[1:]] == [(1, 0), (2, 0), (3, 0)]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["skipped_batches"] == 3
-    final, first = load_file(out / "translator.safetensors"), load_file(out / "checkpoint-1" / "translator.safetensors")
+    final, first = load_file(out / "projector.safetensors"), load_file(out / "checkpoint-1" / "projector.safetensors")
     assert final.keys() == first.keys() and all(torch.equal(final[key], first[key]) for key in final)
 
 
@@ -502,7 +502,7 @@ def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_mat
     under its temp name, and `--resume_from_checkpoint auto` (never the temp folder) ends as the whole run."""
     from safetensors.torch import load_file
 
-    from dyprag.translator import load_translator
+    from dyprag.projector_model import load_projector
 
     env = stage_env(OMP_NUM_THREADS="1")
     args = projector_args(tiny_model, encode_records, clean_bank, tmp_path / "whole", "--learning_rate", "3e-3")
@@ -515,13 +515,13 @@ def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_mat
                             "PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == [".checkpoint-2.tmp", "checkpoint-1"]
-    assert (out / ".checkpoint-2.tmp" / "translator.safetensors").exists()  # written before the kill
-    load_translator(out / "checkpoint-1")
+    assert (out / ".checkpoint-2.tmp" / "projector.safetensors").exists()  # written before the kill
+    load_projector(out / "checkpoint-1")
     load_file(out / "checkpoint-1" / "optimizer.safetensors")
 
     run_stage("projector", *args, "--resume_from_checkpoint", "auto", env=env)
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
-    whole, resumed = load_file(tmp_path / "whole" / "translator.safetensors"), load_file(out / "translator.safetensors")
+    whole, resumed = load_file(tmp_path / "whole" / "projector.safetensors"), load_file(out / "projector.safetensors")
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert (whole[key] - resumed[key]).abs().max() <= 1e-6, key

@@ -30,8 +30,8 @@ QUESTIONS = [("What is the capital of Veldor?", ["Ostrig"]), ("When was Ostrig f
 
 
 def _hf_log(folder: Path, records: list[tuple[int, dict]]) -> None:
-    """trainer_log.jsonl as the HF stages and ppo write it: stages.callbacks.JsonlLogCallback on each log."""
-    from stages.callbacks import JsonlLogCallback
+    """trainer_log.jsonl as the HF stages and ppo write it: stages.core.callbacks.JsonlLogCallback on each log."""
+    from stages.core.callbacks import JsonlLogCallback
 
     callback = JsonlLogCallback()
     for step, logs in records:
@@ -60,9 +60,9 @@ def _stage(root: Path, name: str, stage: str, argv: list[str] | None = None, con
 
 
 def _prag_eval(folder: Path, methods: list[str], questions: int, config: dict, predictions_file: bool) -> None:
-    """results.json (+ predictions.jsonl) as stages.prag_eval writes them, from answers scored by dyprag.metrics."""
+    """results.json (+ predictions.jsonl) as stages.prag_eval writes them, from answers scored by dyprag.scoring."""
     from dyprag.inference import results_table
-    from dyprag.metrics import evaluate
+    from dyprag.scoring import evaluate
 
     predictions = []
     for m, method in enumerate(methods):
@@ -81,9 +81,9 @@ def _prag_eval(folder: Path, methods: list[str], questions: int, config: dict, p
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     """A pipeline folder: pt (dense loss, sparse evals), sft (a reduced run: one eval, no per-step loss), rm,
-    ppo (TRL's statistics), encode, projector (stages.callbacks.log_step), two question sets, a foreign folder."""
+    ppo (TRL's statistics), encode, projector (stages.core.callbacks.log_step), two question sets, a foreign folder."""
     from dyprag.inference import METHODS
-    from stages.callbacks import log_step
+    from stages.core.callbacks import log_step
     from stages.projector import LOSS_KEYS
 
     runs = tmp_path_factory.mktemp("runs")
@@ -149,7 +149,7 @@ def _points_visible(canvas, line) -> bool:
 def test_every_figure_holds_its_data(pipeline):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
     from stages.report import SPARSE, stage_config, stage_figures
 
     for stage, charts in EXPECTED_CHARTS.items():
@@ -284,7 +284,7 @@ def test_report_user_errors(tmp_path):
 
 
 def test_run_config_records_argv(monkeypatch):
-    from stages.common import resolved_config
+    from stages.core.stage import resolved_config
 
     monkeypatch.setattr("sys.argv", ["launch/sft.sh", "--local_rank=1", "cfg.yaml", "--hub_token", "abc",
                                      "--output_dir", "out"])

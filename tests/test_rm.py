@@ -52,10 +52,10 @@ def _pair_inputs(model_dir: Path, river_data: Path, name: str = "river_eval") ->
     """The evaluation pairs tokenized by the project's own pipeline (what the run scored)."""
     from transformers import AutoTokenizer
 
-    from stages.data.loading import load_aligned
-    from stages.data.processors import pairwise
-    from stages.data.template import get_template
-    from stages.hparams import DataArguments
+    from stages.core.data.loading import load_aligned
+    from stages.core.data.processors import pairwise
+    from stages.core.data.template import get_template
+    from stages.core.arguments import DataArguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = load_aligned([name], DataArguments(dataset=name, dataset_dir=str(river_data)), seed=42, ranking=True)
@@ -78,7 +78,7 @@ def test_rm_learns_a_synthetic_preference(tiny_model, river_data, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     out = tmp_path / "rm"
     run_stage("rm", "--model_name_or_path", tiny_model, "--dataset", "river_train", "--eval_dataset", "river_eval",
@@ -117,8 +117,8 @@ def test_rm_zero3_full_round_trip(tiny_model, river_data, tmp_path):
     """Full tuning under ZeRO-3 on two ranks: the gathered checkpoint holds the trained head."""
     from transformers import AutoModelForSequenceClassification
 
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import load_model, load_tokenizer
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import load_model, load_tokenizer
 
     out = tmp_path / "rm"
     launch("rm", "--model_name_or_path", tiny_model, "--dataset", "river_train", "--eval_dataset", "river_eval",
@@ -146,9 +146,9 @@ def test_rm_zero3_full_round_trip(tiny_model, river_data, tmp_path):
 def test_rm_qlora_4bit(tiny_model, river_data, tmp_path):
     import bitsandbytes as bnb
 
-    from stages.callbacks import read_log
-    from stages.hparams import FinetuningArguments
-    from stages.loader import load_model, load_tokenizer
+    from stages.core.callbacks import read_log
+    from stages.core.arguments import FinetuningArguments
+    from stages.core.loader import load_model, load_tokenizer
     from stages.ppo import reward_model_args
 
     out = tmp_path / "rm"
@@ -186,9 +186,9 @@ def test_value_head_missing_or_mismatched_is_refused(tiny_model, tmp_path):
     """Loading for inference never makes up a head: no head, or one of another shape, is an error."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from stages.errors import UserError
-    from stages.hparams import FinetuningArguments, ModelArguments
-    from stages.loader import load_model, load_tokenizer
+    from stages.core.errors import UserError
+    from stages.core.arguments import FinetuningArguments, ModelArguments
+    from stages.core.loader import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
     with pytest.raises(UserError, match="no value head in --model_name_or_path"):

@@ -7,7 +7,7 @@ imported what every stage imports before it reads its arguments (transformers' T
 once. The cases are independent, so the selected ones run side by side (one per core) when the
 first test asks; each test then checks its own outcome. A case changes one thing in an otherwise
 valid command, and its message must name that thing, so a case cannot pass on another error.
-The trained artifacts a command needs (an rm output, a LoRA bank, a translator) are the
+The trained artifacts a command needs (an rm output, a LoRA bank, a projector) are the
 cheapest stand-ins that pass the stage's checks, written in process by the fixture.
 """
 
@@ -61,7 +61,7 @@ def prag(env: dict[str, Path], out: str | Path, records: Path | None = None, fla
 
 
 def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = None) -> list[str]:
-    return ["--projector_dir", projector_dir or env["translator"], "--passage", "Kreilshom is a city.",
+    return ["--projector_dir", projector_dir or env["projector"], "--passage", "Kreilshom is a city.",
             "--output_dir", env["out"] / out]
 
 
@@ -93,8 +93,8 @@ def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = N
 #                    bank shard (sha256); truncated checkpoint
 #   prag_eval        missing / not UTF-8 / answer-less --data_file; no record in --split; --bank_dir that is not a
 #                    folder; ZeRO-3 (generation); not a causal LM; output_dir holding files; corrupt bank shard;
-#                    truncated translator
-#   projector_export not a translator; truncated translator; missing / malformed --passages_file (the line); not a
+#                    truncated projector
+#   projector_export not a projector; truncated projector; missing / malformed --passages_file (the line); not a
 #                    causal LM; output_dir holding an adapter
 # Longer than --cutoff_len but cut, not dropped (no error; the log counts them): sft and rm conversations, ppo
 # prompts, encode texts.
@@ -379,8 +379,8 @@ CASES: dict[str, Case] = {
         lambda e: ["--bank_dir", str(e["bank_corrupt"] / "shard-00000.safetensors"), "sha256"], args_only=False),
     "projector_corrupt_checkpoint": Case(
         "projector", lambda e: [*prag(e, "projector_corrupt_checkpoint"), "--bank_dir", e["bank"],
-                                "--resume_from_checkpoint", e["translator_corrupt"]],
-        lambda e: ["--resume_from_checkpoint", str(e["translator_corrupt"] / "translator.safetensors")]),
+                                "--resume_from_checkpoint", e["projector_corrupt"]],
+        lambda e: ["--resume_from_checkpoint", str(e["projector_corrupt"] / "projector.safetensors")]),
     # ------------------------------------------------------------------ prag_eval
     "prag_eval_missing_data_file": Case(
         "prag_eval", lambda e: [*prag(e, "prag_eval_missing_data_file", e["data"] / "missing.json"), "--bank_dir",
@@ -412,25 +412,25 @@ CASES: dict[str, Case] = {
     "prag_eval_corrupt_shard": Case(  # found before any question is answered
         "prag_eval", lambda e: [*prag(e, "prag_eval_corrupt_shard"), "--bank_dir", e["bank_corrupt"]],
         lambda e: ["--bank_dir", str(e["bank_corrupt"] / "shard-00000.safetensors"), "sha256"]),
-    "prag_eval_corrupt_translator": Case(
-        "prag_eval", lambda e: [*prag(e, "prag_eval_corrupt_translator"), "--projector_dir", e["translator_corrupt"],
+    "prag_eval_corrupt_projector": Case(
+        "prag_eval", lambda e: [*prag(e, "prag_eval_corrupt_projector"), "--projector_dir", e["projector_corrupt"],
                                 "--methods", "dyprag"],
-        lambda e: ["--projector_dir", str(e["translator_corrupt"] / "translator.safetensors"), "truncated"],
+        lambda e: ["--projector_dir", str(e["projector_corrupt"] / "projector.safetensors"), "truncated"],
         args_only=False),
     # ------------------------------------------------------------------ projector_export
-    "projector_export_not_a_translator": Case(
-        "projector_export", lambda e: export(e, "projector_export_not_a_translator", e["data"]),
-        lambda e: ["--projector_dir", str(e["data"]), "translator_config.json"]),
-    "projector_export_corrupt_translator": Case(
-        "projector_export", lambda e: export(e, "projector_export_corrupt_translator", e["translator_corrupt"]),
-        lambda e: ["--projector_dir", str(e["translator_corrupt"] / "translator.safetensors"), "truncated"]),
+    "projector_export_not_a_projector": Case(
+        "projector_export", lambda e: export(e, "projector_export_not_a_projector", e["data"]),
+        lambda e: ["--projector_dir", str(e["data"]), "projector_config.json"]),
+    "projector_export_corrupt_projector": Case(
+        "projector_export", lambda e: export(e, "projector_export_corrupt_projector", e["projector_corrupt"]),
+        lambda e: ["--projector_dir", str(e["projector_corrupt"] / "projector.safetensors"), "truncated"]),
     "projector_export_missing_passages_file": Case(
-        "projector_export", lambda e: ["--projector_dir", e["translator"], "--passages_file",
+        "projector_export", lambda e: ["--projector_dir", e["projector"], "--passages_file",
                                        e["data"] / "missing.json", "--output_dir",
                                        e["out"] / "projector_export_missing_passages_file"],
         lambda e: ["--passages_file", str(e["data"] / "missing.json")]),
     "projector_export_malformed_passages_file": Case(
-        "projector_export", lambda e: ["--projector_dir", e["translator"], "--passages_file", e["passages_broken"],
+        "projector_export", lambda e: ["--projector_dir", e["projector"], "--passages_file", e["passages_broken"],
                                        "--output_dir", e["out"] / "projector_export_malformed_passages_file"],
         lambda e: ["--passages_file", str(e["passages_broken"]), "line 2"]),
     "projector_export_not_a_causal_lm": Case(
@@ -462,14 +462,14 @@ def _records(path: Path, records: list[dict]) -> Path:
 
 
 def _plant_prag_artifacts(model_dir: Path, records: list[dict], paths: dict[str, Path]) -> None:
-    """An rm output, an sft adapter of another base, a LoRA bank and a translator (each intact and corrupt)."""
+    """An rm output, an sft adapter of another base, a LoRA bank and a projector (each intact and corrupt)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from dyprag.bank import LoraBankWriter
-    from dyprag.encode import init_lora
+    from dyprag.passage_training import init_lora
     from dyprag.lora import LoraSpec
-    from dyprag.translator import ParameterTranslator, TranslatorConfig, save_translator
+    from dyprag.projector_model import Projector, ProjectorConfig, save_projector
 
     # ppo: a full rm output (an untrained value head is enough to pass the checks), an adapter of another base
     AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(paths["rm"])
@@ -478,7 +478,7 @@ def _plant_prag_artifacts(model_dir: Path, records: list[dict], paths: dict[str,
     AutoModelForCausalLM.from_config(config).save_pretrained(paths["other_base"])
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(paths["other_base"]), lora).save_pretrained(paths["other_sft"])
-    # The bank of the first two records' passages (two shards), its translator; copies made corrupt.
+    # The bank of the first two records' passages (two shards), its projector; copies made corrupt.
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     spec = LoraSpec()
     init = init_lora(model, spec)
@@ -494,10 +494,10 @@ def _plant_prag_artifacts(model_dir: Path, records: list[dict], paths: dict[str,
     shard.write_bytes(bytes(data))
     shard = paths["bank_to_resume"] / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
-    translator = ParameterTranslator(TranslatorConfig.for_model(model, spec, base_model_name_or_path=str(model_dir)))
-    for name in ("translator", "translator_corrupt"):
-        save_translator(translator, paths[name])
-    weights = paths["translator_corrupt"] / "translator.safetensors"
+    projector = Projector(ProjectorConfig.for_model(model, spec, base_model_name_or_path=str(model_dir)))
+    for name in ("projector", "projector_corrupt"):
+        save_projector(projector, paths[name])
+    weights = paths["projector_corrupt"] / "projector.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
@@ -562,7 +562,7 @@ def env(tmp_path_factory, tiny_model, demo_data) -> dict[str, Path]:
              "records_no_answers": _records(data / "records_no_answers.json",
                                             [{**r, "answer": []} for r in records[:2]]),
              **{name: root / name for name in ("rm", "other_base", "other_sft", "bank", "bank_corrupt",
-                                               "bank_to_resume", "translator", "translator_corrupt")}}
+                                               "bank_to_resume", "projector", "projector_corrupt")}}
     # An earlier attempt of the malformed_json command stopped at its data error and left only its
     # run_config.json: that is not a run, so the same command runs again (and stops at the data).
     (paths["out"] / "malformed_json").mkdir(parents=True)
@@ -605,7 +605,7 @@ FILE_CASES = (*UNTOUCHED, "output_dir_overwrite_accepted", "output_dir_resume_ac
 # answers its exit status. One command at a time: a worker thread owns one such process.
 WARM_STAGES = """
 import json, os, runpy, signal, sys, traceback
-from stages.errors import main_guard
+from stages.core.errors import main_guard
 
 main_guard(lambda argv: __import__("transformers.training_args"))([])
 print("ready", flush=True)

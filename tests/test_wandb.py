@@ -44,7 +44,7 @@ def read_wandb_records(path: Path) -> Iterator:
 
 
 def test_sft_logs_offline_to_wandb(tiny_model, demo_data, tmp_path):
-    from stages.callbacks import read_log
+    from stages.core.callbacks import read_log
 
     out, wandb_dir = tmp_path / "sft", tmp_path / "wandb_dir"
     wandb_dir.mkdir()

@@ -1,9 +1,9 @@
-"""DyPRAG's parameter translator: a passage's hidden state in, a LoRA for every targeted layer out.
+"""DyPRAG's parameter projector: a passage's hidden state in, a LoRA for every targeted layer out.
 
 The frozen base model reads the passage; its last-layer hidden state, pooled over the passage
 (the last token as in the original, or the mean over the passage's tokens), is the
-translator's input x [N, hidden]. For every (layer, module) of the LoRA target list there is
-one small MLP, as in the original (`ParameterTranslator` / `ProjectorLoRA`):
+projector's input x [N, hidden]. For every (layer, module) of the LoRA target list there is
+one small MLP, as in the original (`Projector` / `ProjectorLoRA`):
 
     h     = relu(x @ W_in[l] + u[l])            W_in [hidden, 2p], u [2p]
     A     = h[:p] @ W_A[l]  -> [r, in]           (one MLP of width p for A ...)
@@ -23,7 +23,7 @@ both layers; a normal first layer keeps the hidden units alive so the heads get 
 
 Outputs are `dyprag.lora` LoraWeights (module path -> A [N, r, in], B [N, out, r]), so they
 are injected with `inject_lora` and saved as a plain peft adapter with `save_peft_adapter`.
-A translator folder holds `translator.safetensors` + `translator_config.json`.
+A projector folder holds `projector.safetensors` + `projector_config.json`.
 
 Several passages (a question's top-k) give several LoRAs; `combine_loras` merges them:
 
@@ -53,16 +53,16 @@ from torch import nn
 from .lora import (LoraSpec, LoraWeights, combine_sum, inject_lora, module_shapes, select,
                    target_module_names, write_files_atomic)
 
-CONFIG_FILE = "translator_config.json"
-WEIGHTS_FILE = "translator.safetensors"
-FORMAT = "dyprag-translator"
+CONFIG_FILE = "projector_config.json"
+WEIGHTS_FILE = "projector.safetensors"
+FORMAT = "dyprag-projector"
 POOLINGS = ("last", "mean")
 COMBINATIONS = ("factors", "deltas")
 
 
 @dataclass
-class TranslatorConfig:
-    """Everything needed to rebuild a translator and feed it the way it was trained."""
+class ProjectorConfig:
+    """Everything needed to rebuild a projector and feed it the way it was trained."""
 
     hidden_size: int
     modules: dict[str, tuple[int, int]]  # module path -> (in_features, out_features), layer order
@@ -81,8 +81,8 @@ class TranslatorConfig:
         self.modules = {name: tuple(shape) for name, shape in self.modules.items()}
 
     @classmethod
-    def for_model(cls, model: nn.Module, spec: LoraSpec, **kwargs: Any) -> TranslatorConfig:
-        """The config of a translator for `model`'s targeted linear layers."""
+    def for_model(cls, model: nn.Module, spec: LoraSpec, **kwargs: Any) -> ProjectorConfig:
+        """The config of a projector for `model`'s targeted linear layers."""
         names = target_module_names(model, spec)
         return cls(hidden_size=model.config.hidden_size, modules=module_shapes(model, names), spec=spec, **kwargs)
 
@@ -101,15 +101,15 @@ class TranslatorConfig:
                 "base_model_name_or_path": self.base_model_name_or_path}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TranslatorConfig:
+    def from_dict(cls, values: dict[str, Any]) -> ProjectorConfig:
         if values.get("format") != FORMAT:
-            raise ValueError(f"not a translator config (format {FORMAT!r})")
+            raise ValueError(f"not a projector config (format {FORMAT!r})")
         keys = ("hidden_size", "modules", "projector_p", "pooling", "max_passage_length", "init_std",
                 "base_model_name_or_path")
         return cls(spec=LoraSpec(**values["spec"]), **{key: values[key] for key in keys})
 
 
-class _KindTranslator(nn.Module):
+class _KindProjector(nn.Module):
     """The MLPs of every layer's copy of one module kind, stacked on a leading layer axis."""
 
     def __init__(self, layers: int, hidden: int, width: int, rank: int, in_features: int, out_features: int,
@@ -132,10 +132,10 @@ class _KindTranslator(nn.Module):
                 lora_b.view(layers, count, self.out_features, self.rank))
 
 
-class ParameterTranslator(nn.Module):
+class Projector(nn.Module):
     """Pooled passage hidden states [N, hidden] -> LoraWeights with A [N, r, in], B [N, out, r]."""
 
-    def __init__(self, config: TranslatorConfig) -> None:
+    def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
         self.config = config
         self.kinds = nn.ModuleDict()
@@ -144,7 +144,7 @@ class ParameterTranslator(nn.Module):
             if len(shapes) != 1:
                 raise ValueError(f"the {kind} layers differ in shape ({sorted(shapes)}); one MLP group needs one shape")
             in_features, out_features = shapes.pop()
-            self.kinds[kind] = _KindTranslator(len(names), config.hidden_size, config.projector_p, config.spec.rank,
+            self.kinds[kind] = _KindProjector(len(names), config.hidden_size, config.projector_p, config.spec.rank,
                                                in_features, out_features, config.init_std)
 
     def forward(self, hidden: torch.Tensor) -> LoraWeights:
@@ -157,9 +157,9 @@ class ParameterTranslator(nn.Module):
         return {name: weights[name] for name in self.config.modules}  # the model's module order
 
 
-def save_translator(translator: ParameterTranslator, out_dir: str | os.PathLike,
+def save_projector(projector: Projector, out_dir: str | os.PathLike,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write translator.safetensors (fp32) + translator_config.json into `out_dir`, each file atomically.
+    """Write projector.safetensors (fp32) + projector_config.json into `out_dir`, each file atomically.
 
     `state` overrides the module's own tensors (e.g. the fp32 master weights gathered from a
     DeepSpeed engine whose module is in bf16 or partitioned).
@@ -168,39 +168,39 @@ def save_translator(translator: ParameterTranslator, out_dir: str | os.PathLike,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = state if state is not None else translator.state_dict()
+    tensors = state if state is not None else projector.state_dict()
     tensors = {key: value.detach().float().contiguous().cpu() for key, value in tensors.items()}
-    config_text = json.dumps(translator.config.to_dict(), indent=2)
+    config_text = json.dumps(projector.config.to_dict(), indent=2)
     write_files_atomic(out, {
         WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": FORMAT}),
         CONFIG_FILE: lambda p: Path(p).write_text(config_text, encoding="utf-8")})
     return out
 
 
-class TranslatorError(ValueError):
-    """A translator folder that is missing, truncated or corrupt; the message names the file."""
+class ProjectorError(ValueError):
+    """A projector folder that is missing, truncated or corrupt; the message names the file."""
 
 
-def load_translator(folder: str | os.PathLike, device: torch.device | str | None = None) -> ParameterTranslator:
-    """A saved translator (fp32, eval mode, no gradients) from its folder."""
+def load_projector(folder: str | os.PathLike, device: torch.device | str | None = None) -> Projector:
+    """A saved projector (fp32, eval mode, no gradients) from its folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     try:
-        config = TranslatorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+        config = ProjectorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise TranslatorError(f"translator config {folder / CONFIG_FILE} cannot be read ({err}); point at a "
+        raise ProjectorError(f"projector config {folder / CONFIG_FILE} cannot be read ({err}); point at a "
                               f"stages.projector output_dir or one of its checkpoint-N folders.") from None
-    translator = ParameterTranslator(config)
+    projector = Projector(config)
     try:
-        translator.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: tensors of another translator
+        projector.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: tensors of another projector
         first = str(err).strip().splitlines()[0]
-        raise TranslatorError(f"translator weights {folder / WEIGHTS_FILE} are missing, truncated or corrupt "
-                              f"({first}); train the translator again (python -m stages.projector) or use another "
+        raise ProjectorError(f"projector weights {folder / WEIGHTS_FILE} are missing, truncated or corrupt "
+                              f"({first}); train the projector again (python -m stages.projector) or use another "
                               f"checkpoint-N folder.") from None
-    return translator.to(device).eval().requires_grad_(False)
+    return projector.to(device).eval().requires_grad_(False)
 
 
 # -------------------------------------------------------------------------------- passages in
@@ -235,7 +235,7 @@ def passage_hidden(model: nn.Module, passages: Sequence[Sequence[int]], pad_id: 
 
 
 def tokenize_passages(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Passage token ids as the translator reads them (the tokenizer's own special tokens, cut to max_length)."""
+    """Passage token ids as the projector reads them (the tokenizer's own special tokens, cut to max_length)."""
     return [(tokenizer.encode(text) or [tokenizer.eos_token_id])[:max_length] for text in texts]
 
 
@@ -320,29 +320,29 @@ def combine_loras(loras: Sequence[LoraWeights], how: str = "factors") -> LoraWei
     return {name: (lora_a, lora_b / len(loras)) for name, (lora_a, lora_b) in summed.items()}
 
 
-class TranslatorLoras:
-    """DyPRAG's LoRA provider (`dyprag.inference`): each record's top-k passages through the translator, combined.
+class ProjectorLoras:
+    """DyPRAG's LoRA provider (`dyprag.inference`): each record's top-k passages through the projector, combined.
 
     All passages of a batch of records are read by the frozen model and translated in one go;
     a record without passages gets a zero LoRA. `model` is the same frozen model that answers
     (called here while no LoRA is injected).
     """
 
-    def __init__(self, translator: ParameterTranslator, model: nn.Module, tokenizer: Any, top_k: int = 3,
+    def __init__(self, projector: Projector, model: nn.Module, tokenizer: Any, top_k: int = 3,
                  combination: str = "factors") -> None:
         if combination not in COMBINATIONS:
             raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
-        self.translator, self.model, self.tokenizer = translator, model, tokenizer
+        self.projector, self.model, self.tokenizer = projector, model, tokenizer
         self.top_k, self.combination = top_k, combination
-        self.scaling = translator.config.spec.scaling
+        self.scaling = projector.config.spec.scaling
 
     @torch.no_grad()
     def generate(self, texts: Sequence[str]) -> LoraWeights:
         """One generated LoRA per passage text, stacked: A [N, r, in], B [N, out, r]."""
-        config = self.translator.config
+        config = self.projector.config
         ids = tokenize_passages(self.tokenizer, texts, config.max_passage_length)
         hidden = passage_hidden(self.model, ids, self.tokenizer.pad_token_id, config.pooling)
-        return self.translator(hidden.to(next(self.translator.parameters()).device))
+        return self.projector(hidden.to(next(self.projector.parameters()).device))
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> LoraWeights:
         from .inference import stack_loras
@@ -361,7 +361,7 @@ class TranslatorLoras:
         return stack_loras(singles)
 
     def _zeros(self) -> LoraWeights:
-        rank = self.translator.config.spec.rank
-        param = next(self.translator.parameters())
+        rank = self.projector.config.spec.rank
+        param = next(self.projector.parameters())
         return {name: (param.new_zeros(1, rank, in_features), param.new_zeros(1, out_features, rank))
-                for name, (in_features, out_features) in self.translator.config.modules.items()}
+                for name, (in_features, out_features) in self.projector.config.modules.items()}

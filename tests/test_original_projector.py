@@ -1,6 +1,6 @@
-"""stages.projector_import: a translator checkpoint of the original DyPRAG, converted, gives the original's LoRAs.
+"""stages.projector_import: a projector checkpoint of the original DyPRAG, converted, gives the original's LoRAs.
 
-`OriginalTranslator` below is the original's `src/projector.py` (ParameterTranslator -> Projector
+`OriginalProjector` below is the original's `src/projector.py` (ParameterTranslator -> Projector
 -> ProjectorLoRA -> MLPHypernet), restated with its structure, key names and arithmetic, and its
 checkpoint is written the way its train_dyprag.py writes one.
 """
@@ -17,7 +17,7 @@ from conftest import run_stage
 from torch import nn
 
 from dyprag.lora import inject_lora, select
-from dyprag.translator import load_translator, passage_hidden, tokenize_passages
+from dyprag.projector_model import load_projector, passage_hidden, tokenize_passages
 
 KINDS = ["down_proj", "up_proj", "gate_proj"]  # the original's order
 RANK, WIDTH = 2, 4
@@ -58,7 +58,7 @@ class Projector(nn.Module):
         return self.projector.A_hypernet(network_input), self.projector.B_hypernet(network_input)
 
 
-class OriginalTranslator(nn.Module):
+class OriginalProjector(nn.Module):
     def __init__(self, module_list, layer_idx, input_dim, output_dim, lora_rank, hidden_dim):
         super().__init__()
         self.module_list, self.layer_idx = module_list, layer_idx
@@ -84,15 +84,15 @@ def model(tiny_model):
 
 @pytest.fixture(scope="module")
 def original(model):
-    """A trained-looking original translator: every weight drawn with std 0.05 (its own init is std 1e-7)."""
+    """A trained-looking original projector: every weight drawn with std 0.05 (its own init is std 1e-7)."""
     config = model.config
-    translator = OriginalTranslator(KINDS, list(range(config.num_hidden_layers)), config.hidden_size,
+    projector = OriginalProjector(KINDS, list(range(config.num_hidden_layers)), config.hidden_size,
                                     config.intermediate_size, RANK, WIDTH)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in translator.parameters():
+        for param in projector.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return translator.eval()
+    return projector.eval()
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def imported(original, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("original")
     torch.save({"model_state_dict": original.state_dict()}, folder / "epoch_0.pt")  # train_dyprag.py's save
     run_stage("projector_import", "--original_file", folder / "epoch_0.pt", "--model_name_or_path", tiny_model,
-              "--output_dir", folder / "translator")
-    return folder / "translator"
+              "--output_dir", folder / "projector")
+    return folder / "projector"
 
 
 PASSAGES = ["Mount Kelvar rises above the river Osna in the north of Dallow.",
@@ -119,11 +119,11 @@ def _original_delta_hooks(model, lora: dict[str, torch.Tensor]) -> list:
     return handles
 
 
-def test_imported_translator_gives_the_original_loras_and_deltas(model, original, imported, tiny_model):
+def test_imported_projector_gives_the_original_loras_and_deltas(model, original, imported, tiny_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    ours = load_translator(imported)
+    ours = load_projector(imported)
     assert ours.config.spec.scaling == 1.0 and ours.config.pooling == "last"
     assert ours.config.max_passage_length == 3000
     hidden = passage_hidden(model, tokenize_passages(tokenizer, PASSAGES, 3000), tokenizer.pad_token_id)
@@ -150,7 +150,7 @@ def test_imported_translator_gives_the_original_loras_and_deltas(model, original
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # ... exactly as the original's delta
 
 
-def test_imported_translator_answers_in_prag_eval(imported, tiny_model, demo_data, tmp_path):
+def test_imported_projector_answers_in_prag_eval(imported, tiny_model, demo_data, tmp_path):
     out = tmp_path / "eval"
     run_stage("prag_eval", "--model_name_or_path", tiny_model, "--data_file", demo_data / "demo_qa.json",
               "--max_samples", "3", "--projector_dir", imported, "--methods", "vanilla,dyprag,dyprag_combine",
@@ -169,7 +169,7 @@ def test_import_refuses_what_is_not_this_models_checkpoint(case, original, model
     if case == "pickled object":
         torch.save({"model_state_dict": original.state_dict(), "extra": Opaque()}, path)
     elif case == "other model":
-        other = OriginalTranslator(KINDS, [0, 1], model.config.hidden_size + 8, 32, RANK, WIDTH)
+        other = OriginalProjector(KINDS, [0, 1], model.config.hidden_size + 8, 32, RANK, WIDTH)
         torch.save({"model_state_dict": other.state_dict()}, path)
     else:
         torch.save({"model_state_dict": {"weight": torch.zeros(2)}}, path)

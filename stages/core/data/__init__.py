@@ -15,7 +15,7 @@ from .processors import TRUNCATED
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments
 
-    from ..hparams import DataArguments
+    from ..arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 

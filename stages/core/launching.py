@@ -22,7 +22,7 @@ def _names_deepspeed(argv: list[str]) -> bool:
         return True
     if argv and not argv[0].startswith("-"):
         from .errors import UserError
-        from .hparams import read_config_file
+        from .arguments import read_config_file
 
         try:
             return "deepspeed" in read_config_file(argv[0])

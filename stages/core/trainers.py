@@ -21,7 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .common import STAGING_DIR, no_gradient_loss, restore_rng_state, save_rng_state
+from .stage import STAGING_DIR, no_gradient_loss, restore_rng_state, save_rng_state
 from .errors import RunStopped, UserError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _whole_tensor_deepspeed_checkpoints():
 
     import transformers.trainer as hf_trainer
 
-    from .deepspeed_utils import restore_weights
+    from .distributed import restore_weights
 
     engine_loader = hf_trainer.deepspeed_load_checkpoint
 
@@ -214,7 +214,7 @@ class StageTrainer(Trainer):
         states with their block scales) cannot be gathered per weight: each rank writes its torch optimizer's
         state as it holds it (safetensors + JSON), and the checkpoint resumes on as many ranks only.
         """
-        from .deepspeed_utils import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
+        from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
                                       rank_optimizer_state, unsupported_optimizer)
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
@@ -249,7 +249,7 @@ class StageTrainer(Trainer):
     def _load_deepspeed_state(self, checkpoint: Path) -> None:
         """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks, or as many as
         wrote it where each rank saved its own optimizer state)."""
-        from .deepspeed_utils import (load_rank_optimizer_state, restore_loss_scale, restore_optimizer_state,
+        from .distributed import (load_rank_optimizer_state, restore_loss_scale, restore_optimizer_state,
                                       restore_scheduler)
 
         model = self.accelerator.unwrap_model(self.model_wrapped)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..hparams import IGNORE_INDEX
+from ..arguments import IGNORE_INDEX
 
 
 def default_pad_multiple() -> int:

@@ -21,7 +21,7 @@ from .registry import DatasetAttr, check_sha1, get_dataset_attrs
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-    from ..hparams import DataArguments
+    from ..arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 

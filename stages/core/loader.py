@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .hparams import FinetuningArguments, ModelArguments
+    from .arguments import FinetuningArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 

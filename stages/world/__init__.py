@@ -1,0 +1,1 @@
+"""The demo world: a generated set of facts, the datasets and tiny models built from it."""
