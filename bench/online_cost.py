@@ -64,7 +64,8 @@ from dyprag.records import detect_augment_model  # noqa: E402
 from dyprag.projector_model import Projector, ProjectorConfig, save_projector  # noqa: E402
 from stages.encode import collect_passages  # noqa: E402
 from stages.core.arguments import FinetuningArguments, ModelArguments  # noqa: E402
-from stages.core.loader import get_compute_dtype, load_model, load_tokenizer, local_device  # noqa: E402
+from stages.core.loader import get_compute_dtype, load_model, load_tokenizer  # noqa: E402
+from stages.core.distributed import local_device  # noqa: E402
 from stages.prag_eval import PragEvalArguments, _projector_loras  # noqa: E402
 
 SPEC = LoraSpec()

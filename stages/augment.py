@@ -118,7 +118,8 @@ def run_augment(argv: list[str] | None = None) -> None:
     from .core.stage import resolved_config, save_config
     from .core.distributed import zero_stage
     from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.distributed import local_device
     from .prag_eval import check_output_dir, gather_shares, rank_share
 
     # 1. arguments and checks

@@ -89,7 +89,7 @@ class EncodeArguments:
         if self.max_batch_tokens is None:
             from dyprag.passage_training import default_max_batch_tokens
 
-            from .core.loader import local_device
+            from .core.distributed import local_device
 
             self.max_batch_tokens = default_max_batch_tokens(local_device())
         for name in ("lora_rank", "lora_alpha", "cutoff_len", "passages_per_batch", "max_batch_tokens", "shard_size"):
@@ -186,7 +186,8 @@ def run_encode(argv: list[str] | None = None) -> None:
     from .core.stage import resolved_config, save_config
     from .core.distributed import zero_stage
     from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.distributed import local_device
     from .prag_eval import _read_fewshot, gather_shares, rank_share
 
     # 1. arguments and checks

@@ -133,7 +133,7 @@ def _projector_loras(eval_args: PragEvalArguments, model: Any, tokenizer: Any) -
     """DyPRAG's provider: the trained projector (checked against this model) on this rank's device."""
     from dyprag.projector_model import CONFIG_FILE, ProjectorConfig, ProjectorError, ProjectorLoras, load_projector
 
-    from .core.loader import local_device
+    from .core.distributed import local_device
 
     folder = Path(eval_args.projector_dir)
     if not (folder / CONFIG_FILE).is_file():
@@ -178,7 +178,8 @@ def run_prag_eval(argv: list[str] | None = None) -> None:
     from .core.stage import resolved_config, save_config
     from .core.distributed import zero_stage
     from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.distributed import local_device
 
     # 1. arguments and checks (before anything is loaded)
     model_args, eval_args, training_args, run_args = parse_args(

@@ -440,7 +440,8 @@ def run_projector(argv: list[str] | None = None) -> None:
     from .core.stage import prepare_output_dir, resolved_config, save_config
     from .core.distributed import zero_stage
     from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer, local_device
+    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.distributed import local_device
 
     # 1. arguments and checks (before anything is loaded)
     model_args, proj_args, training_args, run_args = parse_args(

@@ -72,7 +72,8 @@ def run_projector_export(argv: list[str] | None = None) -> None:
                                    load_projector)
 
     from .core.arguments import FinetuningArguments, ModelArguments, parse_args
-    from .core.loader import check_model_args, load_model, load_tokenizer, local_device
+    from .core.loader import check_model_args, load_model, load_tokenizer
+    from .core.distributed import local_device
 
     model_args, export_args = parse_args([ModelArguments, ProjectorExportArguments], argv, STAGE)
     folder, out = Path(export_args.projector_dir), Path(export_args.output_dir)

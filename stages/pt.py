@@ -16,24 +16,18 @@ from .core.errors import main_guard
 def run_pt(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, default_data_collator
 
-    from .core.callbacks import JsonlLogCallback, init_wandb
-    from .core.stage import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.callbacks import JsonlLogCallback
     from .core.data import get_dataset
     from .core.data.processors import pt_blocks
-    from .core.distributed import zero_stage
-    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
-                          parse_args)
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments
+    from .core.loader import get_compute_dtype, load_model, load_tokenizer
+    from .core.stage import add_perplexity, start_stage, train_and_save
     from .core.trainers import StageTrainer
 
     # 1. arguments: file + overrides, validated before anything heavy is loaded
-    model_args, data_args, training_args, finetuning_args, run_args = parse_args(
-        [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "pt")
-    check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
-    check_optim_installed(training_args)
-    prepare_output_dir(training_args, run_args)
-    config = resolved_config("pt", model_args, data_args, training_args, finetuning_args, run_args)
-    save_config(training_args.output_dir, config)
+    (model_args, data_args, training_args, finetuning_args, run_args), run = start_stage(
+        "pt", [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv,
+        trainer=True, checkpoints=True)
 
     # 2. tokenizer and data: every text + eos, concatenated, cut into cutoff_len blocks
     tokenizer = load_tokenizer(model_args)
@@ -46,7 +40,7 @@ def run_pt(argv: list[str] | None = None) -> None:
                        gradient_checkpointing=training_args.gradient_checkpointing)
 
     # 4. trainer: blocks are already of equal length, so no padding is needed
-    init_wandb("pt", training_args, run_args, config)
+    run.start_wandb()
     trainer = StageTrainer(model=model, args=training_args, data_collator=default_data_collator,
                            train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
                            processing_class=tokenizer, callbacks=[JsonlLogCallback()], nan_policy=run_args.nan_policy)

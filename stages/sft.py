@@ -40,28 +40,22 @@ def save_predictions(dataset, predictions, labels, tokenizer, output_dir: str) -
 def run_sft(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments
 
-    from .core.callbacks import JsonlLogCallback, init_wandb
-    from .core.stage import add_perplexity, prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.arguments import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments,
+                                 RunArguments)
+    from .core.callbacks import JsonlLogCallback
     from .core.data import get_dataset
     from .core.data.collator import SupervisedCollator
     from .core.data.processors import packed_supervised, prompt_only, supervised
     from .core.data.template import get_template
-    from .core.distributed import zero_stage
-    from .core.arguments import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments,
-                          check_optim_installed, parse_args)
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.loader import get_compute_dtype, load_model, load_tokenizer
+    from .core.stage import add_perplexity, start_stage, train_and_save
     from .core.trainers import SupervisedTrainer
 
     # 1. arguments
-    model_args, data_args, training_args, finetuning_args, generating_args, run_args = parse_args(
-        [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, GeneratingArguments,
-         RunArguments], argv, "sft")
-    check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
-    check_optim_installed(training_args)
-    prepare_output_dir(training_args, run_args)
+    (model_args, data_args, training_args, finetuning_args, generating_args, run_args), run = start_stage(
+        "sft", [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, GeneratingArguments,
+                RunArguments], argv, trainer=True, checkpoints=True)
     training_args.remove_unused_columns = False  # packed rows carry segment_ids for the collator
-    config = resolved_config("sft", model_args, data_args, training_args, finetuning_args, generating_args, run_args)
-    save_config(training_args.output_dir, config)
 
     # 2. tokenizer, template, data (answers supervised; generation needs prompts only)
     tokenizer = load_tokenizer(model_args)
@@ -82,7 +76,7 @@ def run_sft(argv: list[str] | None = None) -> None:
     # 4. trainer: dynamic padding; packed rows get a block-diagonal mask (boolean for sdpa)
     mask_dtype = None if model_args.attn_implementation == "sdpa" else compute_dtype
     collator = SupervisedCollator(tokenizer.pad_token_id, mask_dtype=mask_dtype)
-    init_wandb("sft", training_args, run_args, config)
+    run.start_wandb()
     trainer = SupervisedTrainer(model=model, args=training_args, data_collator=collator,
                                 train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
                                 processing_class=tokenizer, callbacks=[JsonlLogCallback()],

@@ -10,7 +10,7 @@ accepted as it is.
 from __future__ import annotations
 
 import json
-import os
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -113,10 +113,6 @@ class DataArguments:
             raise UserError(f"--val_size must be >= 0, got {self.val_size}.")
         if self.streaming and 0 < self.val_size < 1:
             raise UserError("--val_size as a fraction needs the dataset length; with --streaming give a row count.")
-        from .data.loading import check_datasets
-
-        # An unknown name or a missing file fails here, before any model or data is loaded.
-        check_datasets(self.dataset_names + self.eval_dataset_names, self.dataset_dir)
 
     @property
     def dataset_names(self) -> list[str]:
@@ -257,6 +253,53 @@ def _cpu_has_fp16() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
+# Renamed flags keep working for one release: old name -> (new name, the value the old flag stands for, or None
+# to pass its value on). Each use logs one line naming the new flag.
+RENAMED_FLAGS: dict[str, tuple[str, str | None]] = {}
+
+
+def _renamed(argv: list[str], file_values: dict[str, Any]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """argv and config-file values with renamed flags spelled the new way, and one notice per renamed flag used."""
+    notices: list[str] = []
+
+    def new_name(old: str) -> str:
+        new, fixed = RENAMED_FLAGS[old]
+        spelled = f"--{new} {fixed}" if fixed is not None else f"--{new}"
+        notices.append(f"--{old} is renamed {spelled}; the old name is accepted until the next release.")
+        return new
+
+    out: list[str] = []
+    skip_value = False
+    for position, arg in enumerate(argv):
+        if skip_value:
+            skip_value = False
+            continue
+        flag, eq, value = arg.partition("=")
+        old = flag[2:] if flag.startswith("--") else None
+        if old not in RENAMED_FLAGS:
+            out.append(arg)
+            continue
+        new, fixed = RENAMED_FLAGS[old]
+        new_name(old)
+        if fixed is None:
+            out.append(f"--{new}{eq}{value}" if eq else f"--{new}")
+            continue
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if not eq and following is not None and following.lower() in ("true", "false"):
+            value, skip_value = following, True
+        if value.lower() != "false":
+            out += [f"--{new}", fixed]
+    values = dict(file_values)
+    for old in [key for key in values if key in RENAMED_FLAGS]:
+        new, fixed = RENAMED_FLAGS[old]
+        value = values.pop(old)
+        if fixed is None:
+            values[new_name(old)] = value
+        elif value not in (False, "false", "False", None):
+            values[new_name(old)] = fixed
+    return out, values, notices
+
+
 def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
     """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
 
@@ -275,6 +318,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
     parser = _Parser(dataclass_types, prog=f"python -m stages.{stage}")
     config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    argv, file_values, notices = _renamed(argv, file_values)
     known = {action.dest for action in parser._actions}
     unknown_in_file = sorted(set(file_values) - known)
     if unknown_in_file:
@@ -331,8 +375,6 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
     from .stage import setup_logging
 
     setup_logging()
+    for notice in dict.fromkeys(notices):
+        logging.getLogger(__name__).warning(notice)
     return tuple(outputs)
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"

@@ -37,6 +37,15 @@ def zero_stage(config: str | dict[str, Any] | None) -> int | None:
     return stage
 
 
+def local_device() -> Any:
+    """This process's device: accelerator number LOCAL_RANK, or the CPU."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return torch.device(torch.accelerator.current_accelerator().type, int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_single_process_env() -> None:
     """Make a process started without a launcher a world of one for `deepspeed.initialize`.
 
@@ -177,8 +186,6 @@ def unsupported_optim(training_args: Any) -> str | None:
     """
     import torch
     from transformers import Trainer
-
-    from .loader import local_device
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
     # On the run's device: some optimizers step accelerator tensors only.

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import local_device
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -115,15 +116,6 @@ def build_quantization_config(quantization_bit: int | None, quantization_type: s
         # ZeRO-3 partitions parameters by dtype: store the packed 4-bit weights in the compute dtype.
         bnb_4bit_quant_storage=compute_dtype if zero3 else None,
     )
-
-
-def local_device() -> torch.device:
-    """This process's device: accelerator number LOCAL_RANK, or the CPU."""
-    import torch
-
-    if torch.accelerator.is_available():
-        return torch.device(torch.accelerator.current_accelerator().type, int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def find_linear_modules(model: PreTrainedModel, exclude: tuple[str, ...] = ("lm_head", "score")) -> list[str]:
@@ -351,4 +343,17 @@ def load_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments,
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info("trainable params: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
+
+
+def load_frozen_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments, *, bf16: bool = False,
+                      fp16: bool = False, zero3: bool = False) -> PreTrainedModel:
+    """The base model of an inference stage or a frozen teacher: adapters merged, no gradients, in the run's compute
+    dtype, on this rank's device. bitsandbytes places a quantized model itself, and ZeRO-3's engine its partitions."""
+    from .arguments import FinetuningArguments
+
+    model = load_model(tokenizer, model_args, FinetuningArguments(), is_trainable=False,
+                       compute_dtype=get_compute_dtype(bf16, fp16))
+    if model_args.quantization_bit is None and not zero3:
+        model.to(local_device())
     return model

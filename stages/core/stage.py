@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +54,84 @@ def setup_logging() -> None:
     transformers.utils.logging.enable_propagation()
 
 
-def prepare_output_dir(training_args, run_args) -> None:
-    """Refuse to write into a run that exists; resolve `--resume_from_checkpoint last`.
+@dataclass
+class Run:
+    """What the preamble hands a stage: where it writes, its resolved config, its place among the ranks."""
 
-    An output_dir that already holds files is someone's run: it is only written into with
-    `--overwrite_output_dir` or when resuming from one of its checkpoints.
+    stage: str
+    output_dir: Path
+    config: dict[str, Any]
+    rank: int
+    world: int
+    zero_stage: int | None  # None without DeepSpeed
+    training_args: Any
+    run_args: Any
+
+    @property
+    def zero3(self) -> bool:
+        return self.zero_stage == 3
+
+    def start_wandb(self) -> None:
+        """Open the W&B run (global rank 0, with `--report_to wandb`) once the stage is about to train or score."""
+        from .callbacks import init_wandb
+
+        init_wandb(self.stage, self.training_args, self.run_args, self.config)
+
+
+def start_stage(stage: str, arg_types: list[type], argv: list[str] | None, *, trainer: bool = False,
+                zero3: bool = True, checkpoints: bool = False) -> tuple[tuple[Any, ...], Run]:
+    """The preamble of every stage: parse, check the model, optimizer and data, claim output_dir, save the config.
+
+    trainer: the HF Trainer builds the optimizer (pt, sft, rm, ppo): `--optim` is checked, and one of
+        --do_train/--do_eval/--do_predict is required. Other stages keep the base model frozen.
+    zero3: whether the stage runs under ZeRO-3; one that cannot is refused here, with the reason.
+    checkpoints: the stage writes checkpoint-N folders: `--resume_from_checkpoint last` resolves to the
+        newest one, and a given folder is checked for truncated files before anything loads.
+    Returns the parsed argument objects, in the order of `arg_types`, and the `Run`.
     """
+    from .arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
+    from .distributed import zero_stage
+    from .loader import check_model_args
+
+    args = parse_args(arg_types, argv, stage)
+    training_args = next(a for a in args if hasattr(a, "output_dir"))
+    run_args = next((a for a in args if isinstance(a, RunArguments)), RunArguments())
+    model_args = next((a for a in args if isinstance(a, ModelArguments)), None)
+    data_args = next((a for a in args if isinstance(a, DataArguments)), None)
+    finetuning_args = next((a for a in args if isinstance(a, FinetuningArguments)), FinetuningArguments())
+    zero = zero_stage(training_args.deepspeed)
+    if model_args is not None:
+        check_model_args(model_args, finetuning_args, zero)
+    if zero == 3 and not zero3:
+        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which {stage} cannot use: it runs data "
+                        f"parallel (each rank holds the whole model); use a ZeRO-0/2 config such as "
+                        f"ds_configs/zero2.json.")
+    if data_args is not None:
+        from .data.loading import check_datasets
+
+        # An unknown name or a missing file fails here, before any model or data is loaded.
+        check_datasets(data_args.dataset_names + data_args.eval_dataset_names, data_args.dataset_dir)
+    if trainer:
+        from .arguments import check_optim_installed
+
+        check_optim_installed(training_args)
+        if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+            raise UserError("nothing to do: add --do_train (and/or --do_eval, --do_predict).")
+    if checkpoints:
+        resolve_resume(training_args)
+    rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under the launcher
+    out = prepare_output_dir(training_args.output_dir, overwrite=run_args.overwrite_output_dir,
+                             resume=bool(training_args.resume_from_checkpoint), checkpoints=checkpoints)
+    config = resolved_config(stage, *args)
+    save_config(str(out), config)
+    return args, Run(stage, out, config, rank, world, zero, training_args, run_args)
+
+
+def resolve_resume(training_args) -> None:
+    """`--resume_from_checkpoint last` -> output_dir's newest checkpoint-N; the folder's files checked."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise UserError("nothing to do: add --do_train (and/or --do_eval, --do_predict).")
     output_dir = Path(training_args.output_dir or "")
-    if not training_args.output_dir:
-        raise UserError("--output_dir is required: the folder this run writes into.")
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "true", "True", True):
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -78,20 +144,30 @@ def prepare_output_dir(training_args, run_args) -> None:
                         f"or 'last'.")
     if training_args.resume_from_checkpoint:
         check_checkpoint_files(Path(training_args.resume_from_checkpoint))
-    # Only global rank 0 judges: the other ranks may look after rank 0 has written its first
-    # files (run_config.json) and would take them for an old run. If rank 0 refuses, the
-    # launcher stops every rank. A folder holding only our run_config.json (an attempt that
-    # stopped at a user error: the config is written before the data is read) and a first
-    # checkpoint that never finished writing (`.saving/`, `.checkpoint-N.tmp`) is not a run.
-    has_run = os.environ.get("RANK", "0") == "0" and output_dir.is_dir() and not all(
-        _unfinished_attempt(path.name) for path in output_dir.iterdir())
-    if has_run and training_args.do_train and not resume and not run_args.overwrite_output_dir:
-        if get_last_checkpoint(str(output_dir)) is None:
-            raise UserError(f"--output_dir {output_dir} already holds a run (with no checkpoint to continue from); "
-                            f"pick a new folder, or add --overwrite_output_dir to start it again there.")
-        raise UserError(f"--output_dir {output_dir} already holds a run; pick a new folder, add "
-                        f"--resume_from_checkpoint last to continue it, or --overwrite_output_dir to write over it.")
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: bool = False,
+                       checkpoints: bool = False) -> Path:
+    """One policy for every stage's output_dir: a folder that holds a run is written into only when resuming
+    it or with --overwrite_output_dir. Returns the folder, created.
+
+    Only global rank 0 judges: the other ranks may look after rank 0 has written its first
+    files (run_config.json) and would take them for an old run. If rank 0 refuses, the
+    launcher stops every rank. A folder holding only our run_config.json (an attempt that
+    stopped at a user error: the config is written before the data is read) and a first
+    checkpoint that never finished writing (`.saving/`, `.checkpoint-N.tmp`) is not a run.
+    """
+    if not output_dir:
+        raise UserError("--output_dir is required: the folder this run writes into.")
+    out = Path(output_dir)
+    has_run = os.environ.get("RANK", "0") == "0" and out.is_dir() and not all(
+        _unfinished_attempt(path.name) for path in out.iterdir())
+    if has_run and not resume and not overwrite:
+        resume_hint = "add --resume_from_checkpoint last to continue it, " if checkpoints else ""
+        raise UserError(f"--output_dir {out} already holds a run; pick a new folder, {resume_hint}or add "
+                        f"--overwrite_output_dir to write over it.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _unfinished_attempt(name: str) -> bool:
