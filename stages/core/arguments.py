@@ -253,17 +253,18 @@ def _cpu_has_fp16() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
-# Renamed flags keep working for one release: old name -> (new name, the value the old flag stands for, or None
-# to pass its value on). Each use logs one line naming the new flag.
-RENAMED_FLAGS: dict[str, tuple[str, str | None]] = {}
+# Renamed flags keep working for one release: stage -> {old name: (new name, the value the old flag stands for,
+# or None to pass its value on)}. Each use logs one line naming the new flag.
+RENAMED_FLAGS: dict[str, dict[str, tuple[str, str | None]]] = {}
 
 
-def _renamed(argv: list[str], file_values: dict[str, Any]) -> tuple[list[str], dict[str, Any], list[str]]:
+def _renamed(argv: list[str], file_values: dict[str, Any], stage: str) -> tuple[list[str], dict[str, Any], list[str]]:
     """argv and config-file values with renamed flags spelled the new way, and one notice per renamed flag used."""
+    renamed = RENAMED_FLAGS.get(stage, {})
     notices: list[str] = []
 
     def new_name(old: str) -> str:
-        new, fixed = RENAMED_FLAGS[old]
+        new, fixed = renamed[old]
         spelled = f"--{new} {fixed}" if fixed is not None else f"--{new}"
         notices.append(f"--{old} is renamed {spelled}; the old name is accepted until the next release.")
         return new
@@ -276,10 +277,10 @@ def _renamed(argv: list[str], file_values: dict[str, Any]) -> tuple[list[str], d
             continue
         flag, eq, value = arg.partition("=")
         old = flag[2:] if flag.startswith("--") else None
-        if old not in RENAMED_FLAGS:
+        if old not in renamed:
             out.append(arg)
             continue
-        new, fixed = RENAMED_FLAGS[old]
+        new, fixed = renamed[old]
         new_name(old)
         if fixed is None:
             out.append(f"--{new}{eq}{value}" if eq else f"--{new}")
@@ -290,8 +291,8 @@ def _renamed(argv: list[str], file_values: dict[str, Any]) -> tuple[list[str], d
         if value.lower() != "false":
             out += [f"--{new}", fixed]
     values = dict(file_values)
-    for old in [key for key in values if key in RENAMED_FLAGS]:
-        new, fixed = RENAMED_FLAGS[old]
+    for old in [key for key in values if key in renamed]:
+        new, fixed = renamed[old]
         value = values.pop(old)
         if fixed is None:
             values[new_name(old)] = value
@@ -318,7 +319,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
     parser = _Parser(dataclass_types, prog=f"python -m stages.{stage}")
     config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None
     file_values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    argv, file_values, notices = _renamed(argv, file_values)
+    argv, file_values, notices = _renamed(argv, file_values, stage)
     known = {action.dest for action in parser._actions}
     unknown_in_file = sorted(set(file_values) - known)
     if unknown_in_file:
