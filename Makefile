@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # runs them in this process.
 TEST_WORKERS ?= logical
 
-.PHONY: install demo test test-slurm bench
+.PHONY: install demo lint test test-slurm bench
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -19,7 +19,11 @@ install:
 demo: install
 	bash launch/pipeline.sh
 
-test: install
+# ruff.toml holds the rules; the tests run only on code that passes them.
+lint: install
+	$(PYTHON) -m ruff check .
+
+test: lint
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The Slurm job scripts under a single-node Slurm that tests/slurm/setup_slurm.sh installs

