@@ -33,65 +33,14 @@ import dataclasses
 import gc
 import json
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import UserError, main_guard
 
-
-@dataclass
-class PPOArguments:
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "rm output directory (python -m stages.rm): scores the answers and initialises the value "
-                          "model."},
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer during rollouts."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: all tokens)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: the whole distribution)."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
-    kl_estimator: Literal["k1", "k3"] = field(
-        default="k1", metadata={"help": "KL estimator: k1 (log-ratio, unbiased) or k3 (lower variance)."}
-    )
-    ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each batch of rollouts."})
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "Mini-batches per pass (must divide per_device batch x accumulation)."}
-    )
-    whiten_rewards: bool = field(
-        default=False, metadata={"help": "Normalise the per-token rewards of a batch (needs >= 8 rollouts per "
-                                         "mini-batch and rank)."}
-    )
-    reward_clip: float | None = field(
-        default=None, metadata={"help": "Clip the reward model's score to [-c, c] before the KL penalty is added."}
-    )
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtract this from the score of an answer that does not end with eos "
-                                        "within max_new_tokens."}
-    )
-    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range of the policy ratio."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    sample_steps: int = field(
-        default=10, metadata={"help": "Every N updates, log a table of prompts, sampled answers and rewards "
-                                      "(W&B and samples.jsonl; 0: never)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}.")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"--top_k must be >= 0 and --top_p in (0, 1]; got {self.top_k} and {self.top_p}.")
-        if self.max_new_tokens <= 0 or self.ppo_epochs <= 0 or self.num_mini_batches <= 0:
-            raise UserError("--max_new_tokens, --ppo_epochs and --num_mini_batches must be positive.")
-        if self.reward_clip is not None and self.reward_clip <= 0:
-            raise UserError(f"--reward_clip must be positive, got {self.reward_clip}.")
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise UserError(f"--missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
+if TYPE_CHECKING:
+    from .core.arguments import FinetuningArguments, ModelArguments, PPOArguments, RunArguments
 
 
 def reward_model_args(reward_model: str | None, trust_remote_code: bool = False):
@@ -100,9 +49,9 @@ def reward_model_args(reward_model: str | None, trust_remote_code: bool = False)
     A full rm output is its own checkpoint. A LoRA one is its base, the LM adapters the rm
     merged before training (e.g. an sft adapter), then the rm adapter itself.
     """
-    from .core.stage import CONFIG_FILE
     from .core.arguments import ModelArguments, split_names
     from .core.loader import has_value_head
+    from .core.stage import CONFIG_FILE
 
     if not reward_model:
         raise UserError("--reward_model is required: an rm output directory (python -m stages.rm).")
@@ -128,56 +77,10 @@ def reward_model_args(reward_model: str | None, trust_remote_code: bool = False)
                           trust_remote_code=trust_remote_code)
 
 
-def deepspeed_to_accelerate(training_args, model, num_updates: int) -> None:
-    """Give TRL's Accelerator the run's DeepSpeed config through the environment.
+def check_ppo_args(model_args: ModelArguments, training_args: Any, ppo_args: PPOArguments) -> None:
+    """What ppo refuses in its arguments beyond the checks of every trainer stage."""
+    from .core.distributed import optim_flag_problem
 
-    TRL's PPOConfig cannot take `deepspeed=` under the launcher (its `world_size` field shadows
-    TrainingArguments.world_size, which the config resolution reads). Our TrainingArguments
-    resolved the "auto" batch sizes, clipping and precision already; the model-size "auto"
-    values are filled here, and the concrete config is written to output_dir for every rank.
-    """
-    from .core.distributed import without_round_robin_gradients
-
-    ds_config = training_args.hf_deepspeed_config
-    ds_config.trainer_config_finalize(training_args, model, num_updates)
-    without_round_robin_gradients(ds_config.config)  # checkpoints gather whole tensors
-    if "optimizer" in ds_config.config or "scheduler" in ds_config.config:
-        raise UserError(f"--deepspeed {training_args.deepspeed}: ppo builds its own optimizer and scheduler; remove "
-                        f"the optimizer/scheduler sections (or use ds_configs/*.json).")
-    path = Path(training_args.output_dir) / "deepspeed_config.json"
-    partial_path = path.with_name(f".{path.name}.rank{os.environ.get('RANK', '0')}")
-    partial_path.write_text(json.dumps(ds_config.config, indent=2), encoding="utf-8")
-    partial_path.replace(path)  # atomic: ranks write identical content, none reads a partial file
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(path.resolve())
-
-
-def run_ppo(argv: list[str] | None = None) -> None:
-    # TRL warns at import that trl.experimental is experimental (the docstring says so): noise before every
-    # log line and error of this stage.
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
-    from transformers import TrainingArguments, set_seed
-    from trl.experimental.ppo import PPOConfig
-
-    from .core.callbacks import JsonlLogCallback, init_wandb, plot_loss
-    from .core.stage import prepare_output_dir, resolved_config, save_config
-    from .core.data import get_dataset
-    from .core.data.processors import prompt_only
-    from .core.data.template import get_template
-    from .core.distributed import unsupported_optim, zero_stage
-    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
-                          parse_args)
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .core.ppo_trainer import AdapterOffReward, PolicyTrainer, check_checkpoint
-
-    # 1. arguments: the policy's model args, the reward model's (inherited from the rm output)
-    model_args, data_args, training_args, finetuning_args, ppo_args, run_args = parse_args(
-        [ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, PPOArguments, RunArguments], argv,
-        "ppo")
-    stage = zero_stage(training_args.deepspeed)
-    check_model_args(model_args, finetuning_args, stage)
-    check_optim_installed(training_args)
     if model_args.quantization_bit is not None and model_args.adapters:
         raise UserError("a quantized policy cannot merge its sft adapter under the PPO adapter; export the sft model "
                         "first (python -m stages.export) and pass it as --model_name_or_path.")
@@ -185,49 +88,46 @@ def run_ppo(argv: list[str] | None = None) -> None:
     if rollouts % ppo_args.num_mini_batches or (ppo_args.whiten_rewards and rollouts // ppo_args.num_mini_batches < 8):
         raise UserError(f"--num_mini_batches {ppo_args.num_mini_batches} must divide per_device_train_batch_size x "
                         f"gradient_accumulation_steps = {rollouts} (into >= 8 rollouts each with --whiten_rewards).")
-    unsupported = unsupported_optim(training_args)
-    if unsupported:
+    problem = optim_flag_problem(training_args)
+    if problem:
         optim = getattr(training_args.optim, "value", training_args.optim)
         raise UserError(f"--optim {optim}: ppo checkpoints hold the optimizer state as one whole tensor per parameter, "
-                        f"and {unsupported}; use adamw_torch (the default), sgd or rmsprop.")
-    reward_args = reward_model_args(ppo_args.reward_model, model_args.trust_remote_code)
-    check_model_args(reward_args, finetuning_args, stage)
-    training_args.do_train = True  # ppo only trains (no --do_train needed)
+                        f"and {problem}; use adamw_torch (the default), sgd or rmsprop.")
 
-    # 2. tokenizer and prompts (a pairwise dataset is refused before anything is written);
-    #    left-padded: generation continues right after each prompt
-    tokenizer = load_tokenizer(model_args)
-    template = get_template(tokenizer, data_args.template)
-    encode = partial(prompt_only, tokenizer=tokenizer, template=template, cutoff_len=data_args.cutoff_len)
-    dataset_module = get_dataset(data_args, training_args, encode, ranking=False)
-    prepare_output_dir(training_args, run_args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if training_args.resume_from_checkpoint:  # checked before any model is loaded
-        check_checkpoint(Path(training_args.resume_from_checkpoint), world_size)
-    config = resolved_config("ppo", model_args, data_args, training_args, finetuning_args, ppo_args, run_args)
-    save_config(training_args.output_dir, config)
+
+def prompt_sets(dataset_module: Any, batch_size: int, world: int, eval_batch_size: int) -> tuple[Any, Any]:
+    """The training prompts (at least one update of `batch_size`) and the prompts sampled for the log (the eval
+    set, else the first training ones)."""
     train_prompts = dataset_module.train_dataset.remove_columns("labels")  # the reference answers are unused
-    batch_size = rollouts * world_size
     if len(train_prompts) < batch_size:  # TRL would wait forever for a first whole batch
         raise UserError(f"{len(train_prompts)} training prompts fill no update of {batch_size} (per_device_train_batch_"
-                        f"size x gradient_accumulation_steps x {world_size} ranks); add prompts or lower those flags.")
-    sample_prompts = (dataset_module.eval_dataset.remove_columns("labels") if dataset_module.eval_dataset is not None
-                      else train_prompts.select(range(min(len(train_prompts),
-                                                          training_args.per_device_eval_batch_size * world_size))))
-    tokenizer.padding_side = "left"
+                        f"size x gradient_accumulation_steps x {world} ranks); add prompts or lower those flags.")
+    if dataset_module.eval_dataset is not None:
+        return train_prompts, dataset_module.eval_dataset.remove_columns("labels")
+    return train_prompts, train_prompts.select(range(min(len(train_prompts), eval_batch_size * world)))
 
-    # 3. models: policy (+ reference), reward, value initialised from the reward model
-    set_seed(training_args.seed)
+
+def load_models(tokenizer: Any, model_args: ModelArguments, reward_args: ModelArguments,
+                finetuning_args: FinetuningArguments, training_args: Any,
+                ppo_args: PPOArguments) -> tuple[Any, Any, Any, Any]:
+    """policy, reference (None with LoRA: the policy with its adapter off), reward model, value model."""
+    import torch
+
+    from .core.arguments import FinetuningArguments
+    from .core.loader import get_compute_dtype, load_model
+    from .core.ppo_trainer import AdapterOffReward
+
     dtype = get_compute_dtype(training_args.bf16, training_args.fp16)
+    checkpointing = training_args.gradient_checkpointing
     # A fresh adapter on top of the merged sft weights: disabling it gives back the sft policy.
     new_adapter = dataclasses.replace(finetuning_args, create_new_adapter=True)
     policy = load_model(tokenizer, model_args, new_adapter, is_trainable=True, compute_dtype=dtype,
-                        gradient_checkpointing=training_args.gradient_checkpointing)
+                        gradient_checkpointing=checkpointing)
     lora = finetuning_args.finetuning_type == "lora"
     reference = None if lora else load_model(tokenizer, model_args, finetuning_args, is_trainable=False,
                                              compute_dtype=dtype)
     value = load_model(tokenizer, reward_args, new_adapter, is_trainable=True, compute_dtype=dtype,
-                       gradient_checkpointing=training_args.gradient_checkpointing, add_valuehead=True)
+                       gradient_checkpointing=checkpointing, add_valuehead=True)
     # With LoRA the value model is the rm's weights plus a fresh adapter, so the reward model is that
     # model with its adapter disabled: no second copy. (A quantized LoRA rm cannot merge its adapter:
     # its value model trains that adapter on, and the reward needs its own frozen copy.)
@@ -240,21 +140,22 @@ def run_ppo(argv: list[str] | None = None) -> None:
     # TRL calls the backbone and `.score` of the value model: hand it the transformers model inside
     # the PEFT wrapper (its LoRA layers stay active and trainable).
     value = value.get_base_model() if hasattr(value, "get_base_model") else value
-    if training_args.gradient_checkpointing:  # TRL's PPO loop never turns it on itself
+    if checkpointing:  # TRL's PPO loop never turns it on itself
         for model in (policy, value):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ppo_args.reward_clip is not None:
         reward.score = torch.nn.Sequential(reward.score, torch.nn.Hardtanh(-ppo_args.reward_clip, ppo_args.reward_clip))
+    return policy, reference, reward, value
 
-    # 4. trainer: DeepSpeed through the environment, then TRL's config from our arguments
-    num_updates = training_args.max_steps if training_args.max_steps > 0 else max(
-        1, int(training_args.num_train_epochs * len(train_prompts)) // batch_size)
-    if training_args.deepspeed:
-        deepspeed_to_accelerate(training_args, policy, num_updates)
-    # TRL's PPO trainer builds its Accelerator without the precision flags; they go the same way.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no"
+
+def ppo_config(training_args: Any, ppo_args: PPOArguments, num_updates: int, batch_size: int) -> Any:
+    """TRL's PPOConfig: every TrainingArguments value of the run (DeepSpeed goes through `accelerate_env`),
+    plus the PPO settings."""
+    from transformers import TrainingArguments
+    from trl.experimental.ppo import PPOConfig
+
     values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    ppo_config = PPOConfig(
+    return PPOConfig(
         **{**values, "deepspeed": None}, total_episodes=num_updates * batch_size,
         response_length=ppo_args.max_new_tokens, temperature=ppo_args.temperature, stop_token="eos",
         missing_eos_penalty=ppo_args.missing_eos_penalty, kl_coef=ppo_args.kl_coef,
@@ -263,18 +164,12 @@ def run_ppo(argv: list[str] | None = None) -> None:
         cliprange=ppo_args.cliprange, cliprange_value=ppo_args.cliprange_value, vf_coef=ppo_args.vf_coef,
         gamma=ppo_args.gamma, lam=ppo_args.lam, num_sample_generations=1 if ppo_args.sample_steps > 0 else 0,
         local_rollout_forward_batch_size=training_args.per_device_train_batch_size)
-    init_wandb("ppo", training_args, run_args, config)
-    trainer = PolicyTrainer(args=ppo_config, processing_class=tokenizer, model=policy, ref_model=reference,
-                            reward_model=reward, value_model=value, train_dataset=train_prompts,
-                            eval_dataset=sample_prompts, callbacks=[JsonlLogCallback()], top_k=ppo_args.top_k,
-                            top_p=ppo_args.top_p, sample_steps=ppo_args.sample_steps, nan_policy=run_args.nan_policy,
-                            resume_from=training_args.resume_from_checkpoint)
 
-    # 5. train, save the policy, record the run. TRL runs a full gc.collect() twice per update;
-    # freezing what is alive now (libraries, models, data) leaves it only the update's garbage.
-    gc.freeze()
-    trainer.train()
-    gc.unfreeze()
+
+def save_run(trainer: Any, training_args: Any, run_args: RunArguments) -> None:
+    """The policy, and on rank 0 the run's metrics, state and plots."""
+    from .core.callbacks import plot_loss
+
     trainer.save_model()
     if trainer.is_world_process_zero():
         records = [r for r in trainer.state.log_history if "objective/scores" in r]
@@ -286,6 +181,67 @@ def run_ppo(argv: list[str] | None = None) -> None:
         if run_args.plot_loss:
             plot_loss(training_args.output_dir, keys=("objective/scores", "objective/kl", "objective/entropy",
                                                       "loss/value_avg", "loss/policy_avg"))
+
+
+def run_ppo(argv: list[str] | None = None) -> None:
+    # TRL warns at import that trl.experimental is experimental (the docstring says so): noise before every
+    # log line and error of this stage.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from transformers import TrainingArguments, set_seed
+
+    from .core.arguments import DataArguments, FinetuningArguments, ModelArguments, PPOArguments, RunArguments
+    from .core.callbacks import JsonlLogCallback
+    from .core.data import get_dataset
+    from .core.data.processors import prompt_only
+    from .core.data.template import get_template
+    from .core.distributed import accelerate_env
+    from .core.loader import check_model_args, load_tokenizer
+    from .core.ppo_trainer import PolicyTrainer, check_checkpoint
+    from .core.stage import start_stage
+
+    # 1. arguments: the policy's model args, the reward model's (inherited from the rm output)
+    (model_args, data_args, training_args, finetuning_args, ppo_args, run_args), run = start_stage(
+        "ppo", [ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, PPOArguments, RunArguments],
+        argv, trainer=True, train_only=True, checkpoints=True)
+    check_ppo_args(model_args, training_args, ppo_args)
+    reward_args = reward_model_args(ppo_args.reward_model, model_args.trust_remote_code)
+    check_model_args(reward_args, finetuning_args, run.zero_stage)
+    if training_args.resume_from_checkpoint:  # checked before any model is loaded
+        check_checkpoint(Path(training_args.resume_from_checkpoint), run.world)
+
+    # 2. tokenizer and prompts (a pairwise dataset is refused); left-padded: generation continues right
+    #    after each prompt
+    tokenizer = load_tokenizer(model_args)
+    template = get_template(tokenizer, data_args.template)
+    encode = partial(prompt_only, tokenizer=tokenizer, template=template, cutoff_len=data_args.cutoff_len)
+    batch_size = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * run.world
+    train_prompts, sample_prompts = prompt_sets(get_dataset(data_args, training_args, encode, ranking=False),
+                                                batch_size, run.world, training_args.per_device_eval_batch_size)
+    tokenizer.padding_side = "left"
+
+    # 3. models: policy (+ reference), reward, value initialised from the reward model
+    set_seed(training_args.seed)
+    policy, reference, reward, value = load_models(tokenizer, model_args, reward_args, finetuning_args,
+                                                   training_args, ppo_args)
+
+    # 4. trainer: precision and DeepSpeed through the environment, then TRL's config from our arguments
+    num_updates = training_args.max_steps if training_args.max_steps > 0 else max(
+        1, int(training_args.num_train_epochs * len(train_prompts)) // batch_size)
+    accelerate_env(training_args, policy, num_updates)
+    run.start_wandb()
+    trainer = PolicyTrainer(args=ppo_config(training_args, ppo_args, num_updates, batch_size),
+                            processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward,
+                            value_model=value, train_dataset=train_prompts, eval_dataset=sample_prompts,
+                            callbacks=[JsonlLogCallback()], top_k=ppo_args.sampling_top_k, top_p=ppo_args.top_p,
+                            sample_steps=ppo_args.sample_steps, nan_policy=run_args.nan_policy,
+                            resume_from=training_args.resume_from_checkpoint)
+
+    # 5. train, save the policy, record the run. TRL runs a full gc.collect() twice per update;
+    # freezing what is alive now (libraries, models, data) leaves it only the update's garbage.
+    gc.freeze()
+    trainer.train()
+    gc.unfreeze()
+    save_run(trainer, training_args, run_args)
 
 
 main = main_guard(run_ppo)

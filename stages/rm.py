@@ -43,35 +43,28 @@ def save_scores(scores, output_dir: str) -> None:
 def run_rm(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments, set_seed
 
-    from .core.callbacks import JsonlLogCallback, init_wandb
-    from .core.stage import prepare_output_dir, resolved_config, save_config, train_and_save
+    from .core.arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments
+    from .core.callbacks import JsonlLogCallback
     from .core.data import get_dataset
     from .core.data.collator import PairwiseCollator
     from .core.data.processors import pairwise
     from .core.data.template import get_template
-    from .core.distributed import zero_stage
     from .core.errors import UserError
-    from .core.arguments import (DataArguments, FinetuningArguments, ModelArguments, RunArguments, check_optim_installed,
-                          parse_args)
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
+    from .core.loader import get_compute_dtype, load_model, load_tokenizer
+    from .core.stage import start_stage, train_and_save
     from .core.trainers import PairwiseTrainer
 
     # 1. arguments
-    model_args, data_args, training_args, finetuning_args, run_args = parse_args(
-        [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv, "rm")
-    check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
-    check_optim_installed(training_args)
+    (model_args, data_args, training_args, finetuning_args, run_args), run = start_stage(
+        "rm", [ModelArguments, DataArguments, Seq2SeqTrainingArguments, FinetuningArguments, RunArguments], argv,
+        trainer=True, checkpoints=True)
     training_args.remove_unused_columns = False  # the pairs' columns are not forward() arguments
 
-    # 2. tokenizer, template, pairs (a non-pairwise dataset is refused while loading, before
-    #    anything is written, so that the corrected command can reuse the output_dir)
+    # 2. tokenizer, template, pairs (a non-pairwise dataset is refused while loading)
     tokenizer = load_tokenizer(model_args)
     template = get_template(tokenizer, data_args.template)
     encode = partial(pairwise, tokenizer=tokenizer, template=template, cutoff_len=data_args.cutoff_len)
     dataset_module = get_dataset(data_args, training_args, encode, ranking=True)
-    prepare_output_dir(training_args, run_args)
-    config = resolved_config("rm", model_args, data_args, training_args, finetuning_args, run_args)
-    save_config(training_args.output_dir, config)
 
     # 3. model: backbone + value head (fresh, or the one saved in the checkpoint / a value-head adapter)
     set_seed(training_args.seed)  # the fresh head and LoRA weights are drawn before the Trainer seeds
@@ -80,7 +73,7 @@ def run_rm(argv: list[str] | None = None) -> None:
                        gradient_checkpointing=training_args.gradient_checkpointing, add_valuehead=True)
 
     # 4. trainer
-    init_wandb("rm", training_args, run_args, config)
+    run.start_wandb()
     trainer = PairwiseTrainer(model=model, args=training_args, data_collator=PairwiseCollator(tokenizer.pad_token_id),
                               train_dataset=dataset_module.train_dataset, eval_dataset=dataset_module.eval_dataset,
                               processing_class=tokenizer, compute_metrics=pairwise_metrics,

@@ -40,8 +40,7 @@ def save_predictions(dataset, predictions, labels, tokenizer, output_dir: str) -
 def run_sft(argv: list[str] | None = None) -> None:
     from transformers import Seq2SeqTrainingArguments
 
-    from .core.arguments import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments,
-                                 RunArguments)
+    from .core.arguments import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments, RunArguments
     from .core.callbacks import JsonlLogCallback
     from .core.data import get_dataset
     from .core.data.collator import SupervisedCollator

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from dyprag.padding import IGNORE_INDEX  # noqa: F401 (the stages' name for it)
+
 from .errors import UserError
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -166,17 +167,75 @@ class GeneratingArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam decoding."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens."})
+    sampling_top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens (1: none)."})
 
     def to_generate_kwargs(self) -> dict[str, Any]:
         kwargs = asdict(self)
+        kwargs["top_k"] = kwargs.pop("sampling_top_k")  # generate()'s name
         if not self.do_sample:  # greedy: drop sampling knobs so generate() does not warn
             for key in ("temperature", "top_k", "top_p"):
                 kwargs.pop(key)
         return kwargs
+
+
+@dataclass
+class PPOArguments:
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "rm output directory (python -m stages.rm): scores the answers and initialises the value "
+                          "model."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer during rollouts."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
+    sampling_top_k: int = field(
+        default=0, metadata={"help": "Rollouts sample from the k most likely tokens (0: all tokens)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: the whole distribution)."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference."})
+    kl_estimator: Literal["k1", "k3"] = field(
+        default="k1", metadata={"help": "KL estimator: k1 (log-ratio, unbiased) or k3 (lower variance)."}
+    )
+    ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each batch of rollouts."})
+    num_mini_batches: int = field(
+        default=1, metadata={"help": "Mini-batches per pass (must divide per_device batch x accumulation)."}
+    )
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Normalise the per-token rewards of a batch (needs >= 8 rollouts per "
+                                         "mini-batch and rank)."}
+    )
+    reward_clip: float | None = field(
+        default=None, metadata={"help": "Clip the reward model's score to [-c, c] before the KL penalty is added."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtract this from the score of an answer that does not end with eos "
+                                        "within max_new_tokens."}
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    sample_steps: int = field(
+        default=10, metadata={"help": "Every N updates, log a table of prompts, sampled answers and rewards "
+                                      "(W&B and samples.jsonl; 0: never)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}.")
+        if self.sampling_top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"--sampling_top_k must be >= 0 and --top_p in (0, 1]; got {self.sampling_top_k} and "
+                            f"{self.top_p}.")
+        if self.max_new_tokens <= 0 or self.ppo_epochs <= 0 or self.num_mini_batches <= 0:
+            raise UserError("--max_new_tokens, --ppo_epochs and --num_mini_batches must be positive.")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise UserError(f"--reward_clip must be positive, got {self.reward_clip}.")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise UserError(f"--missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}.")
+
 
 
 @dataclass
@@ -190,9 +249,9 @@ class RunArguments:
         metadata={"help": "On a NaN/inf training loss, `stop` the run (exit 1; the checkpoints saved so far are kept, "
                           "the final model is not written) or `skip`. pt, sft, rm, ppo, projector: `skip` drops the "
                           "micro-batch (it adds no gradient and is logged as loss 0; `skipped_batches` in the log "
-                          "counts them). encode: `stop` keeps the finished shards for --resume; `skip` leaves the "
-                          "passage out of the bank (`skipped_passages` in the log and encode_summary.json; --resume "
-                          "tries it again)."},
+                          "counts them). encode: `stop` keeps the finished shards for --resume_from_checkpoint last; "
+                          "`skip` leaves the passage out of the bank (`skipped_passages` in the log and "
+                          "encode_summary.json; --resume_from_checkpoint last tries it again)."},
     )
     wandb_group: str | None = field(
         default=None, metadata={"help": "W&B group: give the stages of one pipeline the same group."}
@@ -245,17 +304,15 @@ def check_optim_installed(training_args: Any) -> None:
             raise UserError(f"--optim {optim}: {str(err).strip().splitlines()[0]}") from None
 
 
-def _cpu_has_fp16() -> bool:
-    """Whether DeepSpeed runs fp16 on this machine's CPU ranks (its CPU accelerator asks oneDNN: AVX512-FP16 or
-    AMX-FP16 CPUs have it); the engine refuses fp16 otherwise."""
-    from deepspeed.accelerator import get_accelerator
-
-    return bool(get_accelerator().is_fp16_supported())
-
-
 # Renamed flags keep working for one release: stage -> {old name: (new name, the value the old flag stands for,
 # or None to pass its value on)}. Each use logs one line naming the new flag.
-RENAMED_FLAGS: dict[str, dict[str, tuple[str, str | None]]] = {}
+RENAMED_FLAGS: dict[str, dict[str, tuple[str, str | None]]] = {
+    # --top_k is the passages per question (augment, prag_eval); the sampling one is spelled apart.
+    "ppo": {"top_k": ("sampling_top_k", None)},
+    "sft": {"top_k": ("sampling_top_k", None)},
+    "encode": {"resume": ("resume_from_checkpoint", "last")},  # the bank continues as a checkpointed run does
+    "prag_eval": {"dyprag_combination": ("combination", None)},  # one name with projector_export's
+}
 
 
 def _renamed(argv: list[str], file_values: dict[str, Any], stage: str) -> tuple[list[str], dict[str, Any], list[str]]:
@@ -302,14 +359,24 @@ def _renamed(argv: list[str], file_values: dict[str, Any], stage: str) -> tuple[
 
 
 def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) -> tuple[Any, ...]:
-    """Fill `dataclass_types` from an optional config file plus `--key value` overrides.
+    """`parse_stage_args` without the ZeRO stage."""
+    return parse_stage_args(dataclass_types, argv, stage)[0]
 
-    Unknown keys (in the file or on the command line) raise a `UserError` naming them. Once the
-    arguments are valid, logging is set up (`common.setup_logging`) for the stage that asked.
+
+def parse_stage_args(dataclass_types: list[type], argv: list[str] | None,
+                     stage: str) -> tuple[tuple[Any, ...], int | None]:
+    """Fill `dataclass_types` from an optional config file plus `--key value` overrides, and set up the process.
+
+    Unknown keys (in the file or on the command line) raise a `UserError` naming them. The process's
+    DeepSpeed set-up is decided here, once (`distributed.configure_process`, `start_deepspeed`). Once the
+    arguments are valid, logging is set up (`logs.setup_logging`) for the stage that asked.
+    Returns the argument objects, in the order of `dataclass_types`, and the ZeRO stage (None without DeepSpeed).
     """
     import sys
 
     from transformers import HfArgumentParser
+
+    from .distributed import configure_process, start_deepspeed
 
     class _Parser(HfArgumentParser):
         def error(self, message: str) -> None:  # argparse would print the whole usage and exit 2
@@ -331,30 +398,7 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
         raise UserError(f"unknown argument(s): {' '.join(unknown)}; "
                         f"run `python -m stages.{stage} --help` for the arguments.")
     values = vars(namespace)
-    if values.get("deepspeed"):
-        from .distributed import init_single_process_env
-
-        # `python -m stages.X --deepspeed cfg.json` without the launcher: a world of one,
-        # instead of DeepSpeed's MPI discovery failing with an mpi4py traceback.
-        init_single_process_env()
-    if values.get("deepspeed") and not values.get("use_cpu"):
-        import torch
-
-        # Without an accelerator, accelerate only counts the DeepSpeed ranks (gloo) when told
-        # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
-        values["use_cpu"] = not torch.accelerator.is_available()
-    if values.get("fp16") and stage in ("pt", "sft", "rm", "ppo") and values.get("deepspeed"):
-        from .distributed import zero_stage
-
-        if zero_stage(values["deepspeed"]) == 0:
-            raise UserError(f"--fp16 with --deepspeed {values['deepspeed']} (ZeRO stage 0) would not train: "
-                            f"without ZeRO, deepspeed < 0.20 does not scale the loss for its fp16 optimizer yet "
-                            f"divides the gradients by the loss scale (65536 at first), so every update is that much "
-                            f"too small (DeepSpeed PR #8393); use a ZeRO-1/2/3 config (ds_configs/zero2.json) or "
-                            f"--bf16 true.")
-    if values.get("deepspeed") and values.get("use_cpu") and values.get("fp16") and not _cpu_has_fp16():
-        raise UserError("--fp16 under --deepspeed needs a GPU or a CPU with fp16 support (DeepSpeed refuses fp16 on "
-                        "these CPU ranks); use --bf16 true or leave both off (fp32).")
+    zero = configure_process(values, stage)
     outputs = []
     for dtype in dataclass_types:
         names = {f.name for f in fields(dtype) if f.init}
@@ -364,18 +408,11 @@ def parse_args(dataclass_types: list[type], argv: list[str] | None, stage: str) 
             raise
         except (ValueError, TypeError) as err:  # TrainingArguments validates in __post_init__
             raise UserError(f"invalid arguments: {str(err).strip().splitlines()[0]}") from None
-        ds_config = getattr(outputs[-1], "hf_deepspeed_config", None)  # the dict the Trainer's engine is built from
-        if ds_config is not None:
-            from .distributed import without_round_robin_gradients
-
-            without_round_robin_gradients(ds_config.config)  # our checkpoints gather ZeRO partitions
-    if values.get("deepspeed"):
-        from .distributed import init_deepspeed_comm
-
-        init_deepspeed_comm()
-    from .stage import setup_logging
+    if zero is not None:
+        start_deepspeed(outputs)
+    from .logs import setup_logging
 
     setup_logging()
     for notice in dict.fromkeys(notices):
         logging.getLogger(__name__).warning(notice)
-    return tuple(outputs)
+    return tuple(outputs), zero

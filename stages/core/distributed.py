@@ -1,4 +1,5 @@
-"""Reading DeepSpeed configs (the HF integration fills their "auto" values itself)."""
+"""The DeepSpeed set-up of a process, decided once (`configure_process`, `start_deepspeed`), and the
+whole tensors of a ZeRO-partitioned training run (checkpoints)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,86 @@ def init_single_process_env() -> None:
                        "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
     # accelerate, seeing a distributed CPU run, would set this to the core count itself and warn.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+# Stages whose HF/TRL trainer builds a DeepSpeed optimizer from the run's config (fp16 needs ZeRO there).
+TRAINER_STAGES = ("pt", "sft", "rm", "ppo")
+
+
+def _cpu_has_fp16() -> bool:
+    """Whether DeepSpeed runs fp16 on this machine's CPU ranks (its CPU accelerator asks oneDNN: AVX512-FP16 or
+    AMX-FP16 CPUs have it); the engine refuses fp16 otherwise."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+def configure_process(values: dict[str, Any], stage: str) -> int | None:
+    """The per-process DeepSpeed decisions taken before the argument dataclasses are built (`parse_args`).
+
+    `values` are the parsed flags (`use_cpu` is set in them). Returns the ZeRO stage of `--deepspeed`,
+    read here once for the process (None without DeepSpeed); a config DeepSpeed would refuse, or fp16
+    where it would not train, is a UserError.
+    """
+    config = values.get("deepspeed")
+    if not config:
+        return None
+    zero = zero_stage(config)
+    # `python -m stages.X --deepspeed cfg.json` without the launcher: a world of one, instead of
+    # DeepSpeed's MPI discovery failing with an mpi4py traceback.
+    init_single_process_env()
+    if not values.get("use_cpu"):
+        import torch
+
+        # Without an accelerator, accelerate only counts the DeepSpeed ranks (gloo) when told
+        # it runs on the CPU; otherwise every rank believes it is alone and sees all the data.
+        values["use_cpu"] = not torch.accelerator.is_available()
+    if values.get("fp16") and stage in TRAINER_STAGES and zero == 0:
+        raise UserError(f"--fp16 with --deepspeed {config} (ZeRO stage 0) would not train: without ZeRO, "
+                        f"deepspeed < 0.20 does not scale the loss for its fp16 optimizer yet divides the gradients "
+                        f"by the loss scale (65536 at first), so every update is that much too small (DeepSpeed PR "
+                        f"#8393); use a ZeRO-1/2/3 config (ds_configs/zero2.json) or --bf16 true.")
+    if values.get("use_cpu") and values.get("fp16") and not _cpu_has_fp16():
+        raise UserError("--fp16 under --deepspeed needs a GPU or a CPU with fp16 support (DeepSpeed refuses fp16 on "
+                        "these CPU ranks); use --bf16 true or leave both off (fp32).")
+    return zero
+
+
+def start_deepspeed(arg_objects: Any) -> None:
+    """The per-process DeepSpeed set-up once the argument dataclasses exist (`parse_args`, with `--deepspeed`):
+    round-robin gradients off in the config the HF Trainer builds its engine from, `deepspeed.comm` up."""
+    for args in arg_objects:
+        ds_config = getattr(args, "hf_deepspeed_config", None)
+        if ds_config is not None:
+            without_round_robin_gradients(ds_config.config)  # our checkpoints gather ZeRO partitions
+    init_deepspeed_comm()
+
+
+def accelerate_env(training_args: Any, model: Any, num_updates: int) -> None:
+    """Give the Accelerator that TRL's PPO trainer builds the run's precision and DeepSpeed config, through
+    the environment (it takes neither from its config).
+
+    TRL's PPOConfig cannot take `deepspeed=` under the launcher (its `world_size` field shadows
+    TrainingArguments.world_size, which the config resolution reads). Our TrainingArguments
+    resolved the "auto" batch sizes, clipping and precision already; the model-size "auto"
+    values are filled here, and the concrete config is written to output_dir for every rank.
+    """
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision
+    if not training_args.deepspeed:
+        return
+    ds_config = training_args.hf_deepspeed_config
+    ds_config.trainer_config_finalize(training_args, model, num_updates)
+    without_round_robin_gradients(ds_config.config)  # checkpoints gather whole tensors
+    if "optimizer" in ds_config.config or "scheduler" in ds_config.config:
+        raise UserError(f"--deepspeed {training_args.deepspeed}: ppo builds its own optimizer and scheduler; remove "
+                        f"the optimizer/scheduler sections (or use ds_configs/*.json).")
+    path = Path(training_args.output_dir) / "deepspeed_config.json"
+    partial_path = path.with_name(f".{path.name}.rank{os.environ.get('RANK', '0')}")
+    partial_path.write_text(json.dumps(ds_config.config, indent=2), encoding="utf-8")
+    partial_path.replace(path)  # atomic: ranks write identical content, none reads a partial file
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(path.resolve())
 
 
 # ------------------------------------------------- whole tensors of a (ZeRO-partitioned) training run
@@ -162,8 +243,8 @@ def _part(tensor: Any, offset: int | None, param: Any) -> Any:
     return tensor if offset is None else tensor.narrow(0, offset, param.numel()).view_as(param)
 
 
-def unsupported_optimizer(optimizer: Any) -> str | None:
-    """Why this optimizer's state cannot be saved as whole tensors (then each rank saves its own), or None.
+def optimizer_state_problem(optimizer: Any) -> str | None:
+    """Why this (stepped) optimizer's state cannot be saved as whole tensors (then each rank saves its own), or None.
 
     Call it after the first step (the state is created then). Supported: state made of tensors with one
     value per element of the parameter, a "step" count and None entries (SGD without momentum).
@@ -178,8 +259,8 @@ def unsupported_optimizer(optimizer: Any) -> str | None:
     return None
 
 
-def unsupported_optim(training_args: Any) -> str | None:
-    """`unsupported_optimizer` for the optimizer `--optim` builds, told by stepping one on a 64x64 matrix.
+def optim_flag_problem(training_args: Any) -> str | None:
+    """`optimizer_state_problem` of the optimizer the `--optim` flag builds, told by stepping one on a 64x64 matrix.
 
     4096 elements: bitsandbytes keeps 8-bit (not per-element) state only from that size on, and
     32-bit state below it, which would pass.
@@ -193,7 +274,7 @@ def unsupported_optim(training_args: Any) -> str | None:
     optimizer = optimizer_cls([param], **kwargs)
     param.grad = torch.ones_like(param)
     optimizer.step()
-    return unsupported_optimizer(optimizer)
+    return optimizer_state_problem(optimizer)
 
 
 @contextlib.contextmanager
@@ -385,3 +466,22 @@ def optimizer_step(optimizer: Any) -> int | None:
     """How many updates the (innermost) optimizer has made by its per-parameter step count (None: it keeps none)."""
     state = _first_state(optimizer)
     return int(state["step"]) if "step" in state else None
+
+
+def rank_share(items: list[Any], rank: int, world: int) -> list[Any]:
+    """This rank's items of a data-parallel stage: every world-th one, starting at `rank` (balanced, in order)."""
+    return items[rank::world]
+
+
+def gather_shares(share: list[Any], world: int) -> list[Any]:
+    """Undo `rank_share` on every rank: all ranks' shares interleaved back into the full order (a collective)."""
+    if world == 1:
+        return share
+    import torch.distributed as dist
+
+    shares: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(shares, share)
+    merged = []
+    for position in range(max(len(s) for s in shares)):
+        merged += [s[position] for s in shares if position < len(s)]
+    return merged

@@ -274,7 +274,9 @@ def load_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments,
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     compute_dtype = compute_dtype or torch.float32
-    zero3 = is_deepspeed_zero3_enabled()  # deepspeed.comm is set up already (hparams.parse_args)
+    # transformers' own switch (from_pretrained partitions under it); deepspeed.comm is up already
+    # (distributed.start_deepspeed, from parse_args).
+    zero3 = is_deepspeed_zero3_enabled()
     quant_config = build_quantization_config(model_args.quantization_bit, model_args.quantization_type,
                                              model_args.double_quantization, compute_dtype, zero3)
     full = is_trainable and finetuning_args.finetuning_type == "full"

@@ -10,8 +10,6 @@ import copy
 import inspect
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,18 @@ import trl.experimental.ppo.ppo_trainer as trl_ppo
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import batch_generation, generate, truncate_response
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
-from .stage import STAGING_DIR, finite_on_every_rank, no_gradient_loss, restore_rng_state, save_rng_state
-from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
-                              restore_loss_scale, restore_optimizer_state, restore_scheduler, restore_weights)
+from .checkpoint import restore_rng_state, save_rng_state, staged_checkpoint
+from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step, restore_loss_scale,
+                          restore_optimizer_state, restore_scheduler, restore_weights)
 from .errors import RunStopped, UserError
 from .loader import gathered_if_zero3
+from .stage import finite_on_every_rank, no_gradient_loss
 
 logger = logging.getLogger(__name__)
 
@@ -529,36 +528,26 @@ class PolicyTrainer(PPOTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """checkpoint-N: the policy (as an sft output) and a resume's state, written aside, renamed whole."""
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        run_dir = Path(self.args.output_dir)
-        staging, final = run_dir / STAGING_DIR / name, run_dir / name
         main = self.accelerator.is_main_process
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that crashed
-        self.accelerator.wait_for_everyone()
-        self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
-        wrapper = self.accelerator.unwrap_model(self.model)
-        # collective: every rank takes part
-        weights = gather_weights(wrapper, self.optimizer)
-        optimizer_state = gather_optimizer_state(wrapper, self.optimizer)
-        staging.mkdir(parents=True, exist_ok=True)
-        save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
-        if main:
-            for tensors, file in ((weights, WEIGHTS_FILE), (optimizer_state, OPTIMIZER_FILE)):
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(staging / file))
-            ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
-                         "loss_scale": loss_scale_state(self.optimizer),
-                         "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,
-                         "local_batch_size": self.args.local_batch_size,
-                         "total_updates": self.state.max_steps}
-            (staging / PPO_STATE_FILE).write_text(json.dumps(ppo_state, indent=2), encoding="utf-8")
-            self.state.save_to_json(str(staging / STATE_FILE))
-        self.accelerator.wait_for_everyone()  # every rank's files are in staging
-        if main:
-            if final.is_dir():  # a checkpoint of this update from before a resume: replaced whole
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit)
-            with contextlib.suppress(OSError):  # empty now
-                os.rmdir(staging.parent)
-        self.accelerator.wait_for_everyone()
+        with staged_checkpoint(Path(self.args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
+                               main=main, barrier=self.accelerator.wait_for_everyone,
+                               save_total_limit=self.args.save_total_limit) as staged:
+            staging = staged.folder
+            self.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers), rank 0 writes
+            wrapper = self.accelerator.unwrap_model(self.model)
+            # collective: every rank takes part
+            weights = gather_weights(wrapper, self.optimizer)
+            optimizer_state = gather_optimizer_state(wrapper, self.optimizer)
+            staging.mkdir(parents=True, exist_ok=True)
+            save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
+            if main:
+                for tensors, file in ((weights, WEIGHTS_FILE), (optimizer_state, OPTIMIZER_FILE)):
+                    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                              str(staging / file))
+                ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
+                             "loss_scale": loss_scale_state(self.optimizer),
+                             "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,
+                             "local_batch_size": self.args.local_batch_size,
+                             "total_updates": self.state.max_steps}
+                (staging / PPO_STATE_FILE).write_text(json.dumps(ppo_state, indent=2), encoding="utf-8")
+                self.state.save_to_json(str(staging / STATE_FILE))

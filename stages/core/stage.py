@@ -1,4 +1,5 @@
-"""Steps every HF-Trainer stage takes in the same way: output_dir checks, config dump, saving."""
+"""The preamble of every stage (`start_stage`) and the steps stages share: the output-dir policy, the resolved
+config, training and saving, the NaN checks."""
 
 from __future__ import annotations
 
@@ -12,46 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import STAGING_DIR, check_checkpoint_files
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "run_config.json"
-STAGING_DIR = ".saving"  # under output_dir: checkpoints being written (never a resume candidate)
 # Secret-bearing argument names: hub_token-style keys (as TrainingArguments.to_dict sees them) and
 # anything naming a key/password. Plain "token" inside a name (max_new_tokens) is not a secret.
 SECRET_WORDS = ("api_key", "password", "secret")
-
-
-class CurrentStderrHandler(logging.StreamHandler):
-    """A stream handler writing to whatever `sys.stderr` is when a record is emitted.
-
-    A plain StreamHandler keeps the stream of the moment it was made; a stage run twice in one
-    process (tests, notebooks) after stderr was swapped would write to a closed file.
-    """
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler's __init__/setStream: the stream is always sys.stderr
-        pass
-
-
-def setup_logging() -> None:
-    """INFO on global rank 0, warnings elsewhere (so the logs are read once, not N times)."""
-    import transformers
-
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    handler = CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    transformers.utils.logging.set_verbosity(level)
-    # One handler, the root's: transformers' own handler would print every line a second time
-    # through the root logger where the CI variable is set (it then propagates).
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.enable_propagation()
 
 
 @dataclass
@@ -79,27 +49,32 @@ class Run:
 
 
 def start_stage(stage: str, arg_types: list[type], argv: list[str] | None, *, trainer: bool = False,
-                zero3: bool = True, checkpoints: bool = False) -> tuple[tuple[Any, ...], Run]:
+                train_only: bool = False, zero3: bool = True, checkpoints: bool = False,
+                resumable: bool = False) -> tuple[tuple[Any, ...], Run]:
     """The preamble of every stage: parse, check the model, optimizer and data, claim output_dir, save the config.
 
     trainer: the HF Trainer builds the optimizer (pt, sft, rm, ppo): `--optim` is checked, and one of
         --do_train/--do_eval/--do_predict is required. Other stages keep the base model frozen.
+    train_only: the stage only trains (ppo, projector): --do_train is implied.
     zero3: whether the stage runs under ZeRO-3; one that cannot is refused here, with the reason.
     checkpoints: the stage writes checkpoint-N folders: `--resume_from_checkpoint last` resolves to the
         newest one, and a given folder is checked for truncated files before anything loads.
+    resumable: the stage continues its own output_dir when --resume_from_checkpoint is set (implied by
+        `checkpoints`); a refused output_dir then names that way out.
+    Every stage is seeded with --seed here, before any model is built (LoRA's initial A is random).
     Returns the parsed argument objects, in the order of `arg_types`, and the `Run`.
     """
-    from .arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .distributed import zero_stage
+    from .arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_stage_args
+    from transformers import set_seed
+
     from .loader import check_model_args
 
-    args = parse_args(arg_types, argv, stage)
+    args, zero = parse_stage_args(arg_types, argv, stage)
     training_args = next(a for a in args if hasattr(a, "output_dir"))
     run_args = next((a for a in args if isinstance(a, RunArguments)), RunArguments())
     model_args = next((a for a in args if isinstance(a, ModelArguments)), None)
     data_args = next((a for a in args if isinstance(a, DataArguments)), None)
     finetuning_args = next((a for a in args if isinstance(a, FinetuningArguments)), FinetuningArguments())
-    zero = zero_stage(training_args.deepspeed)
     if model_args is not None:
         check_model_args(model_args, finetuning_args, zero)
     if zero == 3 and not zero3:
@@ -111,6 +86,8 @@ def start_stage(stage: str, arg_types: list[type], argv: list[str] | None, *, tr
 
         # An unknown name or a missing file fails here, before any model or data is loaded.
         check_datasets(data_args.dataset_names + data_args.eval_dataset_names, data_args.dataset_dir)
+    if train_only:
+        training_args.do_train = True
     if trainer:
         from .arguments import check_optim_installed
 
@@ -121,9 +98,11 @@ def start_stage(stage: str, arg_types: list[type], argv: list[str] | None, *, tr
         resolve_resume(training_args)
     rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under the launcher
     out = prepare_output_dir(training_args.output_dir, overwrite=run_args.overwrite_output_dir,
-                             resume=bool(training_args.resume_from_checkpoint), checkpoints=checkpoints)
+                             resume=bool(training_args.resume_from_checkpoint),
+                             resumable=resumable or (checkpoints and _holds_checkpoint(training_args.output_dir)))
     config = resolved_config(stage, *args)
     save_config(str(out), config)
+    set_seed(training_args.seed)
     return args, Run(stage, out, config, rank, world, zero, training_args, run_args)
 
 
@@ -133,6 +112,10 @@ def resolve_resume(training_args) -> None:
 
     output_dir = Path(training_args.output_dir or "")
     resume = training_args.resume_from_checkpoint
+    if resume == "auto":  # the projector's spelling, kept for one release
+        logger.info("--resume_from_checkpoint auto is renamed --resume_from_checkpoint last; the old name is accepted "
+                    "until the next release.")
+        resume = "last"
     if resume in ("last", "true", "True", True):
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if last is None:
@@ -147,7 +130,7 @@ def resolve_resume(training_args) -> None:
 
 
 def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: bool = False,
-                       checkpoints: bool = False) -> Path:
+                       resumable: bool = False) -> Path:
     """One policy for every stage's output_dir: a folder that holds a run is written into only when resuming
     it or with --overwrite_output_dir. Returns the folder, created.
 
@@ -163,34 +146,20 @@ def prepare_output_dir(output_dir: str | None, *, overwrite: bool, resume: bool 
     has_run = os.environ.get("RANK", "0") == "0" and out.is_dir() and not all(
         _unfinished_attempt(path.name) for path in out.iterdir())
     if has_run and not resume and not overwrite:
-        resume_hint = "add --resume_from_checkpoint last to continue it, " if checkpoints else ""
+        resume_hint = "add --resume_from_checkpoint last to continue it, " if resumable else ""
         raise UserError(f"--output_dir {out} already holds a run; pick a new folder, {resume_hint}or add "
                         f"--overwrite_output_dir to write over it.")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _holds_checkpoint(output_dir: str | None) -> bool:
+    return bool(output_dir) and Path(output_dir).is_dir() and any(Path(output_dir).glob("checkpoint-*"))
+
+
 def _unfinished_attempt(name: str) -> bool:
     """A file or folder of output_dir that a run leaves when it stops before its first checkpoint is whole."""
     return name in (CONFIG_FILE, STAGING_DIR) or (name.startswith(".checkpoint-") and name.endswith(".tmp"))
-
-
-def check_checkpoint_files(folder: Path) -> None:
-    """Refuse a checkpoint whose safetensors files are truncated or corrupt (header against file size) or
-    whose JSON files do not parse, before anything is loaded; the message names the file."""
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(folder.rglob("*")):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt"):  # reads the header only; checks it covers the file
-                    pass
-            elif path.suffix == ".json":
-                json.loads(path.read_text(encoding="utf-8"))
-        except (SafetensorError, OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--resume_from_checkpoint {folder}: {path} is truncated or corrupt ({reason}); resume "
-                            f"from an earlier checkpoint-N folder, or drop the flag to start anew.") from None
 
 
 def _secret(key: str) -> bool:
@@ -223,8 +192,6 @@ def resolved_config(stage: str, *arg_objects) -> dict[str, Any]:
     `argv` is the command line as given (less the launcher's --local_rank): which values the
     user chose, so `stages.report` can print the command that reproduces the run.
     """
-    import sys
-
     merged: dict[str, Any] = {"stage": stage, "argv": _redact_argv(sys.argv[1:])}
     for obj in arg_objects:
         values = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
@@ -255,45 +222,6 @@ def train_and_save(trainer, training_args, run_args, plot_keys: tuple[str, ...] 
     trainer.save_state()
     if trainer.is_world_process_zero() and run_args.plot_loss:
         plot_loss(training_args.output_dir, keys=plot_keys)
-
-
-def save_rng_state(path: Path) -> None:
-    """This process's random generators (torch, the accelerator's, numpy, Python) as one safetensors file."""
-    import random
-
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
-    version, python_keys, python_gauss = random.getstate()
-    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
-               "python": torch.tensor(python_keys, dtype=torch.int64)}
-    if torch.accelerator.is_available():
-        tensors["accelerator"] = torch.get_device_module().get_rng_state()
-    metadata = {"python": json.dumps([version, python_gauss]),
-                "numpy": json.dumps([numpy_name, int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)])}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def restore_rng_state(path: Path) -> None:
-    """Set this process's random generators to those `save_rng_state` wrote."""
-    import random
-
-    import numpy as np
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as file:
-        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
-    torch.set_rng_state(tensors["torch"])
-    if "accelerator" in tensors and torch.accelerator.is_available():
-        torch.get_device_module().set_rng_state(tensors["accelerator"])
-    version, python_gauss = json.loads(metadata["python"])
-    random.setstate((version, tuple(tensors["python"].tolist()), python_gauss))
-    numpy_name, numpy_pos, numpy_has_gauss, numpy_gauss = json.loads(metadata["numpy"])
-    np.random.set_state((numpy_name, tensors["numpy"].numpy().astype(np.uint32), numpy_pos, numpy_has_gauss,
-                         numpy_gauss))
 
 
 def finite_on_every_rank(loss: Any, world: int) -> bool:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,62 +18,23 @@ from safetensors.torch import load_file, save_file
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .stage import STAGING_DIR, no_gradient_loss, restore_rng_state, save_rng_state
+from .checkpoint import (OPTIMIZER, optimizer_state_from_files, optimizer_state_to_files, restore_rng_state,
+                         save_rng_state, staged_checkpoint)
 from .errors import RunStopped, UserError
+from .stage import no_gradient_loss
 
 logger = logging.getLogger(__name__)
 
 
 # What a checkpoint holds besides the weights, as safetensors + JSON (Trainer's own files are pickles).
 # The optimizer's files are STEM.safetensors + STEM.json (optimizer_state_to_files).
-OPTIMIZER = "optimizer"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = f"{OPTIMIZER}.safetensors", f"{OPTIMIZER}.json"
 SCHEDULER_JSON, SCALER_JSON, RNG_FILE = "scheduler.json", "scaler.json", "rng_state_{rank}.safetensors"
 # Under DeepSpeed: every trained tensor's fp32 master, whole (the saved model may be bf16; ZeRO splits the master);
 # the optimizer state of each rank, where it is not one value per weight element (optimizer_state_to_files).
 TRAINED_WEIGHTS, RANK_OPTIMIZER = "trained_weights.safetensors", OPTIMIZER + "_rank{rank}"
-
-
-def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = OPTIMIZER) -> None:
-    """A torch optimizer's state_dict as tensors (STEM.safetensors) + the rest (STEM.json).
-
-    A tensor is named by its parameter index and key path, "<index>.<key>", or "<index>.<key>/<subkey>"
-    in the dicts some optimizers nest (bitsandbytes keeps its 8-bit state and block scales in one).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def split(values: dict[str, Any], name: str) -> dict[str, Any]:
-        # The non-tensor part of `values` (nested dicts kept), its tensors put into `tensors`.
-        rest = {}
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{name}{key}"] = value.detach().contiguous().cpu()
-            elif isinstance(value, dict):
-                rest[key] = split(value, f"{name}{key}/")
-            else:
-                rest[key] = value
-        return rest
-
-    scalars = {str(index): split(values, f"{index}.") for index, values in state_dict["state"].items()}
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
-    (folder / f"{stem}.json").write_text(json.dumps({"state": scalars, "param_groups": state_dict["param_groups"]}),
-                                         encoding="utf-8")
-
-
-def optimizer_state_from_files(folder: Path, stem: str = OPTIMIZER) -> dict[str, Any]:
-    """The state_dict `optimizer_state_to_files` wrote."""
-    saved = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8"))
-    state: dict[int, dict[str, Any]] = {int(index): values for index, values in saved["state"].items()}
-    for name, tensor in load_file(str(folder / f"{stem}.safetensors")).items():
-        index, path = name.split(".", 1)
-        *parents, key = path.split("/")
-        values = state.setdefault(int(index), {})
-        for parent in parents:
-            values = values.setdefault(parent, {})
-        values[key] = tensor
-    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 @contextlib.contextmanager
@@ -113,9 +73,9 @@ def _whole_tensor_deepspeed_checkpoints():
 class StageTrainer(Trainer):
     """The Trainer of the HF stages: never steps on a NaN/inf loss; checkpoints appear whole.
 
-    Checkpoints are written under `output_dir/.saving/` and renamed to `checkpoint-N` once every
-    rank has finished writing, so a crash while saving leaves no half-written `checkpoint-N`
-    (the previous one stays the last, and `--resume_from_checkpoint last` takes it).
+    Checkpoints go through `staged_checkpoint`: written under `output_dir/.saving/` and renamed to
+    `checkpoint-N` once every rank has finished writing, so a crash while saving leaves no half-written
+    `checkpoint-N` (the previous one stays the last, and `--resume_from_checkpoint last` takes it).
 
     `nan_policy="stop"` raises `RunStopped` before the backward pass, so the weights, the
     optimizer and every checkpoint already saved stay as they were; `"skip"` replaces the
@@ -152,31 +112,20 @@ class StageTrainer(Trainer):
         return (zero, result[1]) if return_outputs else zero
 
     def _save_checkpoint(self, model, trial) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
+        run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that crashed
-        self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: staging_root  # Trainer writes (and rotates) there
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        if self.state.best_model_checkpoint == staging:
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
-        self.accelerator.wait_for_everyone()  # every rank's shards are in staging
-        if self.args.should_save:
-            if os.path.isdir(final):  # a checkpoint of this step from before a resume: replaced whole
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
-            with contextlib.suppress(OSError):  # empty now, unless another save is under way
-                os.rmdir(staging_root)
-        self.accelerator.wait_for_everyone()
+        with staged_checkpoint(run_dir, name, main=self.args.should_save, barrier=self.accelerator.wait_for_everyone,
+                               save_total_limit=self.args.save_total_limit) as staged:
+            self._get_output_dir = lambda trial=None: str(staged.folder.parent)  # Trainer writes (and rotates) there
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            if self.state.best_model_checkpoint == str(staged.folder):
+                self.state.best_model_checkpoint = str(staged.final)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staged.folder / "trainer_state.json"))
+            staged.keep = self.state.best_model_checkpoint
 
     # Checkpoint files: safetensors + JSON instead of Trainer's pickles (torch.save), with or without
     # DeepSpeed. Under DeepSpeed a checkpoint holds whole tensors by parameter name (gathered from
@@ -214,12 +163,12 @@ class StageTrainer(Trainer):
         states with their block scales) cannot be gathered per weight: each rank writes its torch optimizer's
         state as it holds it (safetensors + JSON), and the checkpoint resumes on as many ranks only.
         """
-        from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step,
-                                      rank_optimizer_state, unsupported_optimizer)
+        from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_state_problem,
+                                  optimizer_step, rank_optimizer_state)
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
         weights = gather_weights(model, self.optimizer)
-        per_rank = unsupported_optimizer(self.optimizer) is not None
+        per_rank = optimizer_state_problem(self.optimizer) is not None
         if per_rank:
             folder.mkdir(parents=True, exist_ok=True)  # a rank may get here before rank 0 made the folder
             optimizer_state_to_files(rank_optimizer_state(self.optimizer), folder,
@@ -250,7 +199,7 @@ class StageTrainer(Trainer):
         """What `_save_deepspeed_state` wrote, into this run's partitions (any number of ranks, or as many as
         wrote it where each rank saved its own optimizer state)."""
         from .distributed import (load_rank_optimizer_state, restore_loss_scale, restore_optimizer_state,
-                                      restore_scheduler)
+                                  restore_scheduler)
 
         model = self.accelerator.unwrap_model(self.model_wrapped)
         optimizer = json.loads((checkpoint / OPTIMIZER_JSON).read_text(encoding="utf-8"))

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from dyprag.padding import pad_rows
+
 from ..arguments import IGNORE_INDEX
 
 
@@ -17,19 +19,6 @@ def default_pad_multiple() -> int:
     time on short batches (measured with the sft bench in bf16).
     """
     return 8 if torch.accelerator.is_available() else 1
-
-
-def pad(rows: list[list[int]], value: int, left: bool = False, multiple_of: int = 1) -> torch.Tensor:
-    longest = max(len(row) for row in rows)
-    longest = -(-longest // multiple_of) * multiple_of
-    out = torch.full((len(rows), longest), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            if left:
-                out[i, longest - len(row):] = torch.tensor(row)
-            else:
-                out[i, : len(row)] = torch.tensor(row)
-    return out
 
 
 def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -60,18 +49,18 @@ class SupervisedCollator:
     pad_to_multiple_of: int = field(default_factory=default_pad_multiple)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        left, multiple = self.left_padding, self.pad_to_multiple_of
-        input_ids = pad([f["input_ids"] for f in features], self.pad_token_id, left, multiple)
-        batch = {"input_ids": input_ids,
-                 "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0, left, multiple)}
+        padding = {"left": self.left_padding, "multiple_of": self.pad_to_multiple_of}
+        multiple = self.pad_to_multiple_of
+        batch = {"input_ids": pad_rows([f["input_ids"] for f in features], self.pad_token_id, **padding),
+                 "attention_mask": pad_rows([[1] * len(f["input_ids"]) for f in features], 0, **padding)}
         if "labels" in features[0]:
             labels = [f["labels"] for f in features]
-            batch["labels"] = pad(labels, IGNORE_INDEX, left, multiple) if any(labels) else None
+            batch["labels"] = pad_rows(labels, IGNORE_INDEX, **padding) if any(labels) else None
             if batch["labels"] is None:
                 del batch["labels"]
         if "segment_ids" in features[0]:
-            segments = pad([f["segment_ids"] for f in features], 0, multiple_of=multiple)
-            batch["position_ids"] = pad([f["position_ids"] for f in features], 0, multiple_of=multiple)
+            segments = pad_rows([f["segment_ids"] for f in features], 0, multiple_of=multiple)
+            batch["position_ids"] = pad_rows([f["position_ids"] for f in features], 0, multiple_of=multiple)
             batch["attention_mask"] = packed_attention_mask(segments, self.mask_dtype)
         return batch
 
@@ -89,5 +78,5 @@ class PairwiseCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         multiple = self.pad_to_multiple_of
-        return {"input_ids": pad(rows, self.pad_token_id, multiple_of=multiple),
-                "attention_mask": pad([[1] * len(row) for row in rows], 0, multiple_of=multiple)}
+        return {"input_ids": pad_rows(rows, self.pad_token_id, multiple_of=multiple),
+                "attention_mask": pad_rows([[1] * len(row) for row in rows], 0, multiple_of=multiple)}
