@@ -1,4 +1,5 @@
-"""PRAG encoding on the real model: peak RSS and passages/s of the full-logits loss (before) and the chunked one (after).
+"""PRAG encoding on the real model: peak RSS and passages/s of the full-logits loss (before) and the chunked one
+(after).
 
     python bench/encode_memory.py [--passages 32] [--repeats 3] [--threads 2] [--json out.json]
 
@@ -65,13 +66,14 @@ def run_side(args: argparse.Namespace) -> dict:
     weights = {}
     start = time.perf_counter()
     for batch in passage_training.plan_batches([sum(map(len, t)) for t in texts], args.passages_per_batch):
-        result = passage_training.encode_batch(model, spec, init, [texts[i] for i in batch], config, tokenizer.pad_token_id)
+        result = passage_training.encode_batch(model, spec, init, [texts[i] for i in batch], config,
+                                               tokenizer.pad_token_id)
         for row, i in enumerate(batch):
             weights.update({f"{i}.{module}.{part}": result.weights[module][part][row].contiguous()
                             for module in result.weights for part in (0, 1)})
     seconds = time.perf_counter() - start
     save_file(weights, args.weights)
-    return {"side": args.side, "passages": len(texts), "tokens": encode.training_tokens(texts, config),
+    return {"side": args.side, "passages": len(texts), "tokens": passage_training.training_tokens(texts, config),
             "max_batch_tokens": config.max_batch_tokens, "seconds": seconds, "passages_per_s": len(texts) / seconds,
             "loaded_rss_mib": loaded_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

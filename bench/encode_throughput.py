@@ -5,7 +5,7 @@
 Encoding. Every side trains the same passages' LoRAs (r=2, alpha=32 on gate/up/down of every
 layer) from the same saved initialisation with the same recipe (dyprag.passage_training: the PRAG texts
 of each passage, AdamW lr 3e-4, one text per step, one epoch) on the same model (`python -m
-stages.world.build --preset bench`, ~20M parameters, built once into --work_dir). Texts: the real
+stages.world --preset bench`, ~20M parameters, built once into --work_dir). Texts: the real
 PRAG records in ../shared/data/prag_augmented when present (their passages, rewrites and QA),
 else (or with --source demo) the embedded demo_qa gold passages with their questions as QA
 pairs and the sentences in reverse order as the rewrite.
@@ -51,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,8 +61,8 @@ sys.path.insert(0, str(ROOT))
 REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
 
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
-from dyprag.passage_training import (  # noqa: E402
-    EncodeConfig, default_max_batch_tokens, encode_batch, init_lora, passage_texts, plan_batches)
+from dyprag.passage_training import (EncodeConfig, default_max_batch_tokens, encode_batch, init_lora,  # noqa: E402
+                                     passage_texts, plan_batches)
 from dyprag.lora import LoraSpec, module_shapes, save_peft_adapter, target_module_names  # noqa: E402
 from bench.sft_throughput import linear_params, matmul_peak  # noqa: E402
 
@@ -69,7 +70,7 @@ SPEC = LoraSpec()
 
 
 def build_model(work_dir: Path, preset: str) -> Path:
-    subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(work_dir), "--preset", preset],
+    subprocess.run([sys.executable, "-m", "stages.world", "--output_dir", str(work_dir), "--preset", preset],
                    check=True, cwd=ROOT, capture_output=True)
     return work_dir
 
@@ -200,7 +201,7 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
             run(texts if args.device != "cpu" else texts[:4], work / "warmup")
         elif not original:  # the original's 3000-token steps run on the code path peft fp32 warmed up
             run(texts[:1], work / "warmup")
-        seconds, states = timed(lambda: run(texts[:count], work / name.split()[0]))
+        seconds, states = timed(partial(run, texts[:count], work / name.split()[0]))
         if name == "peft fp32":
             reference = states
         rows.append({"side": name, "passages": count, "seconds": seconds, "passages_per_s": count / seconds,
@@ -260,7 +261,7 @@ def bench_loading(args, model_dir: Path, work: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default="/tmp/encode_bench", help="model build and scratch folder")
-    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.world.build preset")
+    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.world preset")
     parser.add_argument("--passages", type=int, default=32, help="passages encoded by each side")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="texts: the real PRAG records (auto: when present) or the embedded demo_qa; the bench "

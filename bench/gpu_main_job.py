@@ -6,7 +6,8 @@ Each stage runs alone through the pipeline (`STAGES=<stage> bash launch/pipeline
 BF16=true), so its wall time, its tokens/s and the GPU's peak memory (nvidia-smi, sampled every
 0.2 s: what every process of the stage held together) are its own. Tokens/s is what the stage
 itself reports: the HF stages' `num_input_tokens_seen` over `train_runtime` (pt, sft, rm), and
-the trained tokens over the seconds of encode's summary; a stage that counts none prints "-". The whole job is meant to finish in under 8 minutes; the script prints the total.
+the trained tokens over the seconds of encode's summary; a stage that counts none prints "-". The whole job is
+meant to finish in under 8 minutes; the script prints the total.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Every method answers the same questions one at a time (batch 1, as a question arrives), greedy, exactly
 --new_tokens new tokens each (`min_new_tokens` = `max_new_tokens` on the model's generation config, so
 an early end-of-sequence cannot make one method look cheaper), with the top --top_k passages of each
-question, on the same ~20M-parameter model (`python -m stages.world.build --preset bench`), through our
+question, on the same ~20M-parameter model (`python -m stages.world --preset bench`), through our
 real code paths: `dyprag.inference.answer_questions` with the `stages.prag_eval` providers.
 
 - RAG: the passages in the prompt, no LoRA (method `rag`).
@@ -13,7 +13,7 @@ real code paths: `dyprag.inference.answer_questions` with the `stages.prag_eval`
   forward of the frozen model over the k passages, the projector, `combine_loras` "factors"), which
   are injected (`inject_lora`) while the model answers the question alone (method `dyprag`). The
   projector is freshly initialised (seeded) and loaded the way prag_eval loads a trained one
-  (`save_projector`, then `stages.prag_eval._projector_loras`): its cost depends on its shapes, not
+  (`save_projector`, then `dyprag.projector_model.load_projector_loras`): its cost depends on its shapes, not
   on its weights, and the answer length is fixed.
 - PRAG at question time: the k passages' LoRAs trained now with our batched encoder
   (`dyprag.passage_training.passage_texts` + `encode_batch`, the PRAG recipe: AdamW lr 3e-4, one text per step,
@@ -60,13 +60,11 @@ from dyprag.passage_training import EncodeConfig, encode_batch, init_lora, passa
 from dyprag.inference import METHODS, BankLoras, answer_questions  # noqa: E402
 from dyprag.lora import LoraSpec  # noqa: E402
 from dyprag.prompts import get_prompt  # noqa: E402
-from dyprag.records import detect_augment_model  # noqa: E402
-from dyprag.projector_model import Projector, ProjectorConfig, save_projector  # noqa: E402
-from stages.encode import collect_passages  # noqa: E402
+from dyprag.records import collect_passages, detect_augment_model  # noqa: E402
+from dyprag.projector_model import Projector, ProjectorConfig, load_projector_loras, save_projector  # noqa: E402
 from stages.core.arguments import FinetuningArguments, ModelArguments  # noqa: E402
 from stages.core.loader import get_compute_dtype, load_model, load_tokenizer  # noqa: E402
 from stages.core.distributed import local_device  # noqa: E402
-from stages.prag_eval import PragEvalArguments, _projector_loras  # noqa: E402
 
 SPEC = LoraSpec()
 SIDES = {"rag": "RAG (passages in context)", "dyprag": "DyPRAG (projector + inject, question only)",
@@ -162,8 +160,6 @@ class Context:
 def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str, Any]], str]:
     model_dir = build_model(args.work_dir / "bench", "bench") / "model"
     records, source = load_questions(args, model_dir)
-    records_file = args.work_dir / "questions.json"
-    records_file.write_text(json.dumps(records))
     model_args = ModelArguments(model_name_or_path=str(model_dir))
     tokenizer = load_tokenizer(model_args)
     dtype, device = get_compute_dtype(bf16, False), local_device()
@@ -174,10 +170,9 @@ def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str,
     torch.manual_seed(args.seed)
     projector = Projector(ProjectorConfig.for_model(model, SPEC, base_model_name_or_path=str(model_dir)))
     save_projector(projector, args.work_dir / "projector")
-    eval_args = PragEvalArguments(data_file=str(records_file), projector_dir=str(args.work_dir / "projector"),
-                                  top_k=args.top_k)
+    dyprag = load_projector_loras(args.work_dir / "projector", model, tokenizer, args.top_k, device=device)
     context = Context(model, tokenizer, args, model_dir, detect_augment_model(records),
-                      _projector_loras(eval_args, model, tokenizer), init_lora(model, SPEC, seed=args.seed), dtype,
+                      dyprag, init_lora(model, SPEC, seed=args.seed), dtype,
                       device, EncodeConfig(max_batch_tokens=args.max_batch_tokens))
     return context, records, source
 

@@ -3,7 +3,7 @@
     python bench/ppo_memory.py [--work_dir /tmp/ppo_bench] [--batch_size 8] [--response_length 32] ...
 
 Both sides run one PPO update (generate, score, `--ppo_epochs` optimisation passes) on the same
-~20M-parameter model (`python -m stages.world.build --preset bench`), the same prompts (the first
+~20M-parameter model (`python -m stages.world --preset bench`), the same prompts (the first
 rows of the embedded demo_sft, tokenized by the project's template), the same reward model (an
 rm output with full tuning, one step of `python -m stages.rm`, so plain transformers loads it),
 fp32, AdamW, one rank, the same torch thread count, gradient checkpointing on for the trained
@@ -181,7 +181,7 @@ def prepare(args) -> None:
     work = Path(args.work_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if not (work / "embedded" / "model" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(work / "embedded"),
+        subprocess.run([sys.executable, "-m", "stages.world", "--output_dir", str(work / "embedded"),
                         "--preset", "bench"], check=True, cwd=ROOT, env=env)
     if not (work / "rm" / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "stages.rm", "--model_name_or_path", str(work / "embedded" / "model"),

@@ -3,7 +3,7 @@
     python bench/projector_throughput.py [--work_dir /tmp/projector_bench] [--source auto|real|demo] ...
 
 Both sides train the same parameter projector (`dyprag.projector_model.Projector`, p=32, fresh from
-the same seed each run) for the same ~20M-parameter model (`python -m stages.world.build --preset bench`) on
+the same seed each run) for the same ~20M-parameter model (`python -m stages.world --preset bench`) on
 the same training pairs (passage, its PRAG LoRA, a QA text about it), with the same loss (LM + 0.01 KL +
 100 MSE) and optimizer (torch AdamW, lr 1e-5). Set-up, untimed and cached in --work_dir: the records
 (the real PRAG records in ../shared/data/prag_augmented when present, else or with --source demo the
@@ -102,7 +102,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     from dyprag.records import detect_augment_model
     from stages.core.arguments import ModelArguments
     from stages.core.loader import load_tokenizer
-    from stages.projector import ProjectorArguments, build_pairs
+    from stages.core.dyprag_arguments import ProjectorArguments
+    from stages.projector import build_pairs
 
     model_dir = build_model(args.work_dir / "bench", "bench") / "model"
     records, source = pick_records(args, model_dir)

@@ -2,7 +2,7 @@
 
     python bench/sft_throughput.py [--work_dir /tmp/sft_bench] [--steps 6] [--repeats 3] ...
 
-Both sides train the same ~20M-parameter model (`python -m stages.world.build --preset bench`,
+Both sides train the same ~20M-parameter model (`python -m stages.world --preset bench`,
 built once into --work_dir) on the same alpaca-like data (../shared/data/llamafactory_demo/
 alpaca_en_demo.json when present, else the embedded demo_sft), full fine-tuning, AdamW, the
 same batch size, learning rate, seed, thread count and dtype (fp32, or bf16 = CPU autocast
@@ -52,7 +52,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -208,7 +209,7 @@ def prepare(cfg: argparse.Namespace) -> None:
     """Build the bench model once; register the alpaca demo file (or fall back to demo_sft)."""
     cfg.model_dir = cfg.work_dir / "model"
     if not (cfg.model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.world.build", "--output_dir", str(cfg.work_dir), "--preset",
+        subprocess.run([sys.executable, "-m", "stages.world", "--output_dir", str(cfg.work_dir), "--preset",
                         "bench"], cwd=ROOT, check=True)
     if ALPACA.is_file():
         cfg.dataset_dir, cfg.dataset, cfg.data_file = cfg.work_dir / "alpaca", "alpaca_en_demo", ALPACA

@@ -234,8 +234,8 @@ class LoraBank:
         self.path = Path(path)
         index_path = self.path / INDEX_FILE
         if not index_path.is_file():
-            hint = (" (only part indexes: the encode run did not finish; re-run it with --resume)"
-                    if part_indexes(self.path) else "")
+            hint = (" (only part indexes: the encode run did not finish; re-run it with --resume_from_checkpoint "
+                    "last)" if part_indexes(self.path) else "")
             raise LoraBankError(f"no LoRA bank at {self.path}: {INDEX_FILE} is missing{hint}.")
         self.index = _read_index(index_path)
         self.spec = LoraSpec(**self.index["spec"])

@@ -201,12 +201,13 @@ def answer_questions(model: Any, tokenizer: Any, records: Sequence[dict[str, Any
 
 
 def results_table(predictions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method (in first-seen order): method, questions, em, f1, precision, recall."""
+    """One row per method (in first-seen order): method, questions, and em, f1, precision, recall in percent
+    (the unit of every stage's results file; each prediction's own scores are fractions)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for prediction in predictions:
         by_method.setdefault(prediction["method"], []).append(prediction)
     return [{"method": name, "questions": len(preds),
-             **{key: sum(p[key] for p in preds) / len(preds) for key in SCORE_KEYS}}
+             **{key: 100 * sum(p[key] for p in preds) / len(preds) for key in SCORE_KEYS}}
             for name, preds in by_method.items()]
 
 
@@ -226,7 +227,7 @@ def types_markdown(by_type: dict[str, list[dict[str, Any]]], rows: Sequence[dict
     for row in rows:
         cells = [next((r for r in by_type[kind] if r["method"] == row["method"]), None) for kind in by_type] + [row]
         lines.append(f"| {row['method']} | " + " | ".join(
-            "-" if cell is None else f"{100 * cell['em']:.2f} / {100 * cell['f1']:.2f}" for cell in cells) + " |")
+            "-" if cell is None else f"{cell['em']:.2f} / {cell['f1']:.2f}" for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,5 +236,5 @@ def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| method | questions | EM | F1 | precision | recall |", "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['questions']} | " + " | ".join(
-            f"{100 * row[key]:.2f}" for key in SCORE_KEYS) + " |")
+            f"{row[key]:.2f}" for key in SCORE_KEYS) + " |")
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .lora import LoraSpec, LoraWeights, inject_lora, module_shapes, target_module_names
+from .padding import IGNORE_INDEX
 
 Text = list[int]  # token ids of one training text
 
@@ -241,7 +242,7 @@ def _row_losses(model: nn.Module, head: tuple[nn.Module, nn.Module] | None, rows
     """
     length = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)  # position t predicts token t + 1
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # position t predicts token t + 1
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         targets[i, :len(row) - 1] = input_ids[i, 1:len(row)]
@@ -249,11 +250,11 @@ def _row_losses(model: nn.Module, head: tuple[nn.Module, nn.Module] | None, rows
     if head is None:
         logits = model(input_ids=input_ids, use_cache=False).logits
         losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             reduction="none", ignore_index=-100).view(len(rows), -1)
+                                             reduction="none", ignore_index=IGNORE_INDEX).view(len(rows), -1)
     else:
         decoder, lm_head = head
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        labelled = targets != -100
+        labelled = targets != IGNORE_INDEX
         losses = torch.zeros(targets.shape, dtype=torch.float32, device=device)  # zero at pads, as ignore_index
         losses[labelled] = linear_cross_entropy(hidden[labelled], lm_head, targets[labelled], lm_head.out_features)
     return losses.sum(dim=1)

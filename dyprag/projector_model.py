@@ -50,8 +50,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .lora import (LoraSpec, LoraWeights, combine_sum, inject_lora, module_shapes, select,
-                   target_module_names, write_files_atomic)
+from .lora import (LoraSpec, LoraWeights, combine_sum, inject_lora, module_shapes, select, target_module_names,
+                   write_files_atomic)
+from .padding import IGNORE_INDEX, pad_rows
 
 CONFIG_FILE = "projector_config.json"
 WEIGHTS_FILE = "projector.safetensors"
@@ -205,14 +206,6 @@ def load_projector(folder: str | os.PathLike, device: torch.device | str | None 
 
 # -------------------------------------------------------------------------------- passages in
 
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
-    """Token rows right-padded into one [len(rows), longest] tensor (`fill` for the padding, default pad_id)."""
-    out = torch.full((len(rows), max(len(row) for row in rows)), pad_id if fill is None else fill, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
 @torch.no_grad()
 def passage_hidden(model: nn.Module, passages: Sequence[Sequence[int]], pad_id: int,
                    pooling: str = "last") -> torch.Tensor:
@@ -225,7 +218,7 @@ def passage_hidden(model: nn.Module, passages: Sequence[Sequence[int]], pad_id: 
     hidden states are needed; `model.base_model` is the decoder of any HF causal LM).
     """
     device = next(model.parameters()).device
-    input_ids = pad_right(passages, pad_id).to(device)
+    input_ids = pad_rows(passages, pad_id).to(device)
     states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [N, T, hidden]
     lengths = torch.tensor([len(p) for p in passages], device=device)
     if pooling == "last":
@@ -261,14 +254,14 @@ def qa_text(tokenizer: Any, question: str, answer: str, passages: Sequence[str] 
 def answer_logits(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a labelled token, and those tokens: [n, vocab] fp32, [n].
 
-    `labels` is -100 except on the tokens that carry the loss (the answer). The LM head is
+    `labels` is IGNORE_INDEX except on the tokens that carry the loss (the answer). The LM head is
     applied to those positions only: a QA prompt of a few hundred tokens has an answer of a
     few, and [batch, tokens, vocab] logits would dominate the memory of the whole step.
     Right padding, no attention mask: see `passage_hidden`.
     """
     states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
-    keep = targets != -100  # position t predicts token t + 1
+    keep = targets != IGNORE_INDEX  # position t predicts token t + 1
     logits = model.get_output_embeddings()(states[:, :-1][keep])
     return logits.float(), targets[keep]
 
@@ -279,7 +272,7 @@ def distillation_losses(model: nn.Module, generated: LoraWeights, real: LoraWeig
     """DyPRAG's loss terms for a batch of (passage, real LoRA, QA text) with per-sample LoRAs.
 
     - lm: cross-entropy of the model with the generated LoRA injected, mean over the labelled
-      tokens (`labels` != -100: the answer, or the whole text);
+      tokens (`labels` != IGNORE_INDEX: the answer, or the whole text);
     - kl: KL(teacher || student) per labelled token (summed over the vocabulary), mean over those
       tokens, or with `kl_per_text` summed over each text's tokens and averaged over the texts (the
       original's `batchmean`); teacher = the same model with the passage's real (bank) LoRA injected
@@ -365,3 +358,24 @@ class ProjectorLoras:
         param = next(self.projector.parameters())
         return {name: (param.new_zeros(1, rank, in_features), param.new_zeros(1, out_features, rank))
                 for name, (in_features, out_features) in self.projector.config.modules.items()}
+
+
+def check_projector_fits(projector: Projector, model: nn.Module) -> None:
+    """Refuse (`ProjectorError`) a projector trained for a model whose targeted layers or hidden size differ."""
+    config = projector.config
+    try:
+        expected = ProjectorConfig.for_model(model, config.spec)
+    except ValueError as err:  # the model lacks the targeted modules
+        raise ProjectorError(f"the projector targets layers this model lacks ({err}); it was trained for "
+                             f"{config.base_model_name_or_path}: use that model.") from None
+    if (expected.modules, expected.hidden_size) != (config.modules, config.hidden_size):
+        raise ProjectorError(f"the projector was trained for {config.base_model_name_or_path}, whose layers differ "
+                             f"from this model's: use that model.")
+
+
+def load_projector_loras(folder: str | os.PathLike, model: nn.Module, tokenizer: Any, top_k: int = 3,
+                         combination: str = "factors", device: torch.device | str | None = None) -> ProjectorLoras:
+    """DyPRAG's provider from a saved projector: loaded onto `device`, checked against `model` (`ProjectorError`)."""
+    projector = load_projector(folder, device=device)
+    check_projector_fits(projector, model)
+    return ProjectorLoras(projector, model, tokenizer, top_k, combination)

@@ -20,7 +20,9 @@ user turn through the chat template.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,6 +65,23 @@ QA_PROMPT = ("I will provide a passage of text, and you need to generate three d
 def format_fewshot(examples: Sequence[dict[str, str]]) -> str:
     """Few-shot block of the chain-of-thought prompt: "Question: q\\nAnswer: a\\n\\n" per example."""
     return "".join(f"Question: {ex['question']}\nAnswer: {ex['answer']}\n\n" for ex in examples)
+
+
+def read_fewshot(path: str) -> str:
+    """The few-shot block of a `--fewshot_file` (a JSON list of {question, answer} objects).
+
+    A file that cannot be read or has another shape is a `RecordError` that names it.
+    """
+    from .records import RecordError
+
+    try:
+        examples = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or not JSON
+        raise RecordError(f"{path} could not be read as JSON ({err}).") from None
+    if not isinstance(examples, list) or not all(isinstance(e, dict) and {"question", "answer"} <= e.keys()
+                                                  for e in examples):
+        raise RecordError(f"{path} must be a JSON list of {{question, answer}} objects.")
+    return format_fewshot(examples)
 
 
 def _normalise_question(question: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,19 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+
+def load_split(path: str | Path, split: str | None = None, max_samples: int | None = None) -> list[dict[str, Any]]:
+    """`load_records`, only the records whose 'split' field is `split` (every record without one), then the first
+    `max_samples`; a file that leaves none is a `RecordError`."""
+    records = load_records(path)
+    if split is not None:
+        records = [r for r in records if r.get("split") == split]
+        if not records:
+            raise RecordError(f"{path} holds no record with split {split!r}; pick a --split its records have, or "
+                              f"drop the flag.")
+    return records[:max_samples]
+
+
 def save_records(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
     """Write records as a JSON list, one record per line (readable, diffable), atomically."""
     file = Path(path)
@@ -118,3 +132,30 @@ def record_passage_ids(record: dict[str, Any], top_k: int | None = None) -> list
     if top_k is not None:
         count = min(count, top_k)
     return [passage_id(record["test_id"], pid) for pid in range(count)]
+
+
+@dataclass
+class Passage:
+    """One passage of a record: its bank key, text, and the augmentation (rewrite, QA pairs) when it has one."""
+
+    id: str
+    text: str
+    rewrite: str | None
+    qas: list[dict[str, str]]
+
+
+def collect_passages(records: Sequence[dict[str, Any]], augment_name: str | None) -> list[Passage]:
+    """Every passage of every record, with its `<augment_name>` rewrite and QA pairs when the record has them."""
+    passages = []
+    for record in records:
+        augments = {entry.get("pid", pid): entry for pid, entry in enumerate(record.get("augment") or [])}
+        texts = list(record.get("passages") or [])
+        for pid in sorted(set(range(len(texts))) | set(augments)):
+            entry = augments.get(pid, {})
+            text = entry.get("passage") or (texts[pid] if pid < len(texts) else None)
+            if not text:
+                continue
+            passages.append(Passage(passage_id(record["test_id"], pid), text,
+                                    entry.get(f"{augment_name}{REWRITE_SUFFIX}") if augment_name else None,
+                                    list(entry.get(f"{augment_name}{QA_SUFFIX}") or []) if augment_name else []))
+    return passages

@@ -105,10 +105,10 @@ if wants export && ! is_complete sft_merged; then
   touch "$BASE/.pipeline_complete"
 fi
 wants augment && run_stage augment -- "${REDUCED_RECORDS[@]}"
-wants encode && run_stage encode --resume -- "${REDUCED_RECORDS[@]}"
+wants encode && run_stage encode --resume_from_checkpoint last -- "${REDUCED_RECORDS[@]}"
 wants projector && run_stage projector $(checkpoint_or_restart projector) -- "${REDUCED_TRAIN[@]}"
 wants prag_eval && run_stage prag_eval -- "${REDUCED_RECORDS[@]}"
-wants encode_real && run_stage encode_real --resume -- "${REDUCED_RECORDS[@]}"
+wants encode_real && run_stage encode_real --resume_from_checkpoint last -- "${REDUCED_RECORDS[@]}"
 wants prag_eval_real && run_stage prag_eval_real -- "${REDUCED_RECORDS[@]}"
 if wants report; then
   echo "== report: python -m stages.report --pipeline_dir $WORK_DIR --output $WORK_DIR/report.md"

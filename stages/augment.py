@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from .core.dyprag_arguments import AugmentArguments
 from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
@@ -36,51 +36,6 @@ logger = logging.getLogger(__name__)
 STAGE = "augment"
 OUTPUT_FILE = "augmented.json"
 SUMMARY_FILE = "augment_summary.json"
-
-
-@dataclass
-class AugmentArguments:
-    input_file: str | None = field(default=None, metadata={"help": "Questions: PRAG records (JSON list / JSON "
-                                                                   "lines) or a .txt with one question a line."})
-    passages_from: Literal["auto", "records", "retrieval"] = field(
-        default="auto", metadata={"help": "Where passages come from: the records' own 'passages', BM25 retrieval, "
-                                          "or auto (the records' when they have them, else retrieval)."})
-    index_dir: str | None = field(default=None, metadata={"help": "BM25 index built by stages.retrieve."})
-    corpus: str | None = field(default=None, metadata={"help": "Passage corpus (.jsonl / .tsv) indexed in memory "
-                                                               "when no --index_dir is given."})
-    top_k: int = field(default=3, metadata={"help": "Passages augmented per question."})
-    candidates: int | None = field(
-        default=None, metadata={"help": "Passages tried per question, best first, until --top_k of them parsed (a "
-                                        "failure is replaced by the next candidate; the original: 13 for 3). "
-                                        "Default: --top_k (no replacement)."})
-    num_qa: int = field(default=3, metadata={"help": "QA pairs asked for per passage (the original: 3)."})
-    max_attempts: int = field(default=5, metadata={"help": "Times a passage's QA prompt is asked before the "
-                                                           "passage is skipped (parse failures retry)."})
-    augment_model_name: str | None = field(default=None, metadata={"help": "Prefix of the output fields (default: "
-                                                                           "the model path's basename, lower-case)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Augment only the first N records."})
-    keep_skipped: bool = field(default=False, metadata={"help": "Keep passages whose augmentation never parsed "
-                                                                "(without an 'augment' entry: encoding trains them "
-                                                                "on the passage alone) instead of dropping them as "
-                                                                "the original does."})
-    # Generation: the original's sampling (HF's default top-k 50), which is what makes a retry differ.
-    max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per rewrite / QA reply."})
-    do_sample: bool = field(default=True, metadata={"help": "Sample the replies (greedy retries would repeat)."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-
-    def __post_init__(self) -> None:
-        if not self.input_file:
-            raise UserError("--input_file is required: the questions (PRAG records or a .txt) to augment.")
-        for name in ("top_k", "num_qa", "max_attempts", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        self.candidates = self.top_k if self.candidates is None else self.candidates
-        if self.candidates < self.top_k:
-            raise UserError(f"--candidates ({self.candidates}) must be at least --top_k ({self.top_k}): the passages "
-                            f"tried per question include the kept ones.")
-        if self.keep_skipped and self.candidates > self.top_k:
-            raise UserError("--keep_skipped keeps a failed passage in place, --candidates replaces it by the next "
-                            "one; pass one of them.")
 
 
 def candidate_passages(records: list[dict[str, Any]], args: AugmentArguments
@@ -112,29 +67,18 @@ def run_augment(argv: list[str] | None = None) -> None:
     from transformers import TrainingArguments, set_seed
 
     from dyprag.qa_generation import (AugmentStats, HFGenerator, augment_passages, augment_records, distinct_passages,
-                                refill)
+                                      refill)
     from dyprag.records import RecordError, augment_model_name, load_records, save_records
 
-    from .core.stage import resolved_config, save_config
-    from .core.distributed import zero_stage
-    from .core.arguments import FinetuningArguments, ModelArguments, RunArguments, parse_args
-    from .core.loader import check_model_args, get_compute_dtype, load_model, load_tokenizer
-    from .core.distributed import local_device
-    from .prag_eval import check_output_dir, gather_shares, rank_share
+    from .core.arguments import ModelArguments, RunArguments
+    from .core.distributed import gather_shares, rank_share
+    from .core.loader import load_frozen_model, load_tokenizer
+    from .core.stage import start_stage
 
-    # 1. arguments and checks
-    model_args, aug_args, training_args, run_args = parse_args(
-        [ModelArguments, AugmentArguments, TrainingArguments, RunArguments], argv, STAGE)
-    finetuning_args = FinetuningArguments()  # inference only: adapters given with the model are merged
-    check_model_args(model_args, finetuning_args, zero_stage(training_args.deepspeed))
-    if zero_stage(training_args.deepspeed) == 3:
-        raise UserError(f"--deepspeed {training_args.deepspeed} is ZeRO-3, which augment cannot use: it generates data "
-                        f"parallel (each rank holds the whole model); use a ZeRO-0/2 config such as "
-                        f"ds_configs/zero2.json.")
-    rank, world = training_args.process_index, training_args.world_size  # sets up the ranks under DeepSpeed
-    out = check_output_dir(training_args.output_dir, run_args.overwrite_output_dir)
-    config = resolved_config(STAGE, model_args, aug_args, training_args, run_args)
-    save_config(str(out), config)
+    # 1. arguments
+    (model_args, aug_args, training_args, run_args), run = start_stage(
+        STAGE, [ModelArguments, AugmentArguments, TrainingArguments, RunArguments], argv, zero3=False)
+    rank, world = run.rank, run.world
     set_seed(training_args.seed + rank)  # sampling differs across ranks but is reproducible
 
     # 2. questions and their candidate passages (retrieval runs on every rank: it is cheap)
@@ -149,10 +93,7 @@ def run_augment(argv: list[str] | None = None) -> None:
 
     # 3. the augmenting LLM, batched generation
     tokenizer = load_tokenizer(model_args)
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False,
-                       compute_dtype=get_compute_dtype(training_args.bf16, training_args.fp16))
-    if model_args.quantization_bit is None:
-        model.to(local_device())
+    model = load_frozen_model(tokenizer, model_args, bf16=training_args.bf16, fp16=training_args.fp16)
     sampling = {"do_sample": True, "temperature": aug_args.temperature} if aug_args.do_sample else {"do_sample": False}
     generate = HFGenerator(model, tokenizer, batch_size=training_args.per_device_eval_batch_size,
                            show_progress=rank == 0, max_new_tokens=aug_args.max_new_tokens, **sampling)
@@ -180,6 +121,7 @@ def run_augment(argv: list[str] | None = None) -> None:
     refilled = sum(results[text] is not None for texts in tried for text in texts[aug_args.top_k:])
 
     # 5. write the records and the summary; report the skips
+    out = run.output_dir
     save_records(out / OUTPUT_FILE, augmented)
     summary = {"augment_model_name": name, "records": len(augmented),
                "passages_in_records": sum(map(len, tried)), "refilled": refilled,

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from .core.dyprag_arguments import BenchmarkArguments
 from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
@@ -30,40 +29,18 @@ logger = logging.getLogger(__name__)
 STAGE = "benchmark"
 
 
-@dataclass
-class BenchmarkArguments:
-    dataset: Literal["2wikimultihopqa", "hotpotqa", "popqa", "complexwebquestions"] | None = field(
-        default=None, metadata={"help": "Which benchmark --data_dir holds."})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder with the benchmark's published files."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder the record files are written into."})
-    per_type: int = field(default=300, metadata={"help": "Questions per sub-type file and in total.json (the "
-                                                         "original: 300)."})
-    skip: int = field(default=0, metadata={"help": "Questions left out at the start of each sub-type and of the "
-                                                   "total (the original's projector data: 300)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an output_dir that already "
-                                                                        "holds files."})
-
-    def __post_init__(self) -> None:
-        for name in ("dataset", "data_dir", "output_dir"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required; run `python -m stages.benchmark --help`.")
-        if self.per_type < 1 or self.skip < 0:
-            raise UserError(f"--per_type must be at least 1 and --skip at least 0, got {self.per_type} and "
-                            f"{self.skip}.")
-
-
 def run_benchmark(argv: list[str] | None = None) -> None:
     from dyprag.benchmarks import LOADERS, split_by_type
     from dyprag.records import RecordError, save_records
 
     from .core.arguments import parse_args
-    from .prag_eval import check_output_dir
+    from .core.stage import prepare_output_dir
 
     (args,) = parse_args([BenchmarkArguments], argv, STAGE)
     folder = Path(args.data_dir)
     if not folder.is_dir():
         raise UserError(f"--data_dir {folder} is not a folder; point it at the folder of the {args.dataset} files.")
-    out = check_output_dir(args.output_dir, args.overwrite_output_dir)
+    out = prepare_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
     try:
         records = LOADERS[args.dataset](folder)
     except RecordError as err:

@@ -15,12 +15,10 @@ outputs as injecting the generated LoRA.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from .core.dyprag_arguments import ProjectorExportArguments
 from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
@@ -28,52 +26,14 @@ logger = logging.getLogger(__name__)
 STAGE = "projector_export"
 
 
-@dataclass
-class ProjectorExportArguments:
-    projector_dir: str | None = field(default=None, metadata={"help": "Trained projector: stages.projector's "
-                                                                      "output_dir or one of its checkpoint-N folders."})
-    passage: str | None = field(default=None, metadata={"help": "The text of one passage to translate."})
-    passages_file: str | None = field(default=None, metadata={"help": "Several passages, combined into one adapter: "
-                                                                      "a JSON list of strings, or a .txt file with "
-                                                                      "one passage per line."})
-    combination: Literal["factors", "deltas"] = field(
-        default="factors", metadata={"help": "How several passages' LoRAs are combined: factors (average A and B, "
-                                             "rank r, the original) or deltas (average B@A exactly, rank k*r)."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder the peft adapter is written into."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an adapter already in output_dir."})
-
-    def __post_init__(self) -> None:
-        if not self.projector_dir:
-            raise UserError("--projector_dir is required: the projector written by stages.projector.")
-        if (self.passage is None) == (self.passages_file is None):
-            raise UserError("give exactly one of --passage (one text) or --passages_file (several, combined).")
-        if not self.output_dir:
-            raise UserError("--output_dir is required: the folder the peft adapter is written into.")
-
-    def passages(self) -> list[str]:
-        if self.passage is not None:
-            return [self.passage]
-        path = Path(self.passages_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-            texts = ([line.strip() for line in text.splitlines() if line.strip()] if path.suffix == ".txt"
-                     else json.loads(text))
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"--passages_file {path} could not be read ({err}).") from None
-        if not texts or not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise UserError(f"--passages_file {path} must be a non-empty JSON list of passage strings (or a .txt file, "
-                            f"one passage per line).")
-        return texts
-
-
 def run_projector_export(argv: list[str] | None = None) -> None:
     from dyprag.lora import ADAPTER_CONFIG, LoraSpec, save_peft_adapter, select
-    from dyprag.projector_model import (CONFIG_FILE, ProjectorConfig, ProjectorError, ProjectorLoras, combine_loras,
-                                   load_projector)
+    from dyprag.projector_model import (CONFIG_FILE, ProjectorError, ProjectorLoras, check_projector_fits,
+                                        combine_loras, load_projector)
 
     from .core.arguments import FinetuningArguments, ModelArguments, parse_args
-    from .core.loader import check_model_args, load_model, load_tokenizer
     from .core.distributed import local_device
+    from .core.loader import check_model_args, load_frozen_model, load_tokenizer
 
     model_args, export_args = parse_args([ModelArguments, ProjectorExportArguments], argv, STAGE)
     folder, out = Path(export_args.projector_dir), Path(export_args.output_dir)
@@ -89,16 +49,14 @@ def run_projector_export(argv: list[str] | None = None) -> None:
         raise UserError(f"--projector_dir: {err}") from None
     config = projector.config
     model_args.model_name_or_path = model_args.model_name_or_path or config.base_model_name_or_path
-    finetuning_args = FinetuningArguments()
-    check_model_args(model_args, finetuning_args, None)
+    check_model_args(model_args, FinetuningArguments(), None)
 
     tokenizer = load_tokenizer(model_args)
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
-    if model_args.quantization_bit is None:
-        model.to(local_device())
-    if ProjectorConfig.for_model(model, config.spec).modules != config.modules:
-        raise UserError(f"--model_name_or_path {model_args.model_name_or_path} does not have the layers the "
-                        f"projector was trained for ({config.base_model_name_or_path}).")
+    model = load_frozen_model(tokenizer, model_args)
+    try:
+        check_projector_fits(projector, model)
+    except ProjectorError as err:
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: {err}") from None
     generated = ProjectorLoras(projector, model, tokenizer).generate(passages)
     lora = combine_loras([select(generated, i) for i in range(len(passages))], export_args.combination)
     rank = next(iter(lora.values()))[0].shape[1]

@@ -16,9 +16,9 @@ stages.projector take it like a projector of their own. The checkpoint is read a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core.dyprag_arguments import ProjectorImportArguments
 from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
@@ -26,28 +26,12 @@ logger = logging.getLogger(__name__)
 STAGE = "projector_import"
 
 
-@dataclass
-class ProjectorImportArguments:
-    original_file: str | None = field(default=None, metadata={"help": "The original DyPRAG's projector checkpoint "
-                                                                      "(epoch_N.pt from its train_dyprag.py)."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder the projector is written into (the "
-                                                                   "--projector_dir of prag_eval)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a projector already in "
-                                                                        "output_dir."})
-
-    def __post_init__(self) -> None:
-        if not self.original_file:
-            raise UserError("--original_file is required: the original DyPRAG's epoch_N.pt.")
-        if not self.output_dir:
-            raise UserError("--output_dir is required: the folder the projector is written into.")
-
-
 def run_projector_import(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dyprag.original_projector import (OriginalCheckpointError, config_for_original, read_original_checkpoint,
-                                            projector_from_original)
+                                           projector_from_original)
     from dyprag.projector_model import CONFIG_FILE, save_projector
 
     from .core.arguments import ModelArguments, parse_args

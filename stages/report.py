@@ -155,11 +155,11 @@ def results_figure(title: str, rows: list[dict[str, Any]]) -> Figure | None:
     ax = figure.add_subplot()
     width = 0.4
     for offset, key in ((-width / 2, "em"), (width / 2, "f1")):
-        bars = ax.bar([i + offset for i in range(len(rows))], [100 * r[key] for r in rows], width, label=key.upper())
+        bars = ax.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width, label=key.upper())
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(rows)), [str(r.get("method")) for r in rows], rotation=25, ha="right", fontsize=8)
     # Zero scores still leave the labels on the chart, and a line that says so; headroom keeps them inside it.
-    top = max(100 * r[k] for r in rows for k in ("em", "f1"))
+    top = max(r[k] for r in rows for k in ("em", "f1"))
     if top == 0:
         ax.text(0.5, 0.5, "every EM and F1 is 0", transform=ax.transAxes, ha="center", color="0.4")
     ax.set_ylim(0, 1.15 * max(10.0, top))
@@ -292,11 +292,11 @@ def stage_blocks(stage: str, folder: Path, config: dict[str, Any], assets: Path,
     if rows:
         from dyprag.scoring import SCORE_KEYS
 
-        # In percent with two decimals, as prag_eval's own results.md.
+        # results.json holds percentages; two decimals, as prag_eval's own results.md.
         blocks += [("p", question_set(config, rows)), ("p", "Results (EM, F1, precision, recall in percent):")]
         table = ("table", ["method", "questions", "EM", "F1", "precision", "recall"],
                  [[str(r.get("method")), str(r.get("questions"))] +
-                  [f"{100 * r[k]:.2f}" if _number(r.get(k)) else "" for k in SCORE_KEYS] for r in rows])
+                  [f"{r[k]:.2f}" if _number(r.get(k)) else "" for k in SCORE_KEYS] for r in rows])
         chart = figures.get("results")
         blocks.append(("side", [table, _save(chart, assets / "results.png", link_base, f"{folder.name} results")])
                       if chart else table)

@@ -14,42 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.dyprag_arguments import RetrieveArguments
 from .core.errors import UserError, main_guard
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RetrieveArguments:
-    index_dir: str | None = field(default=None, metadata={"help": "Folder of the BM25 index (written with "
-                                                                   "--corpus, read otherwise)."})
-    corpus: str | None = field(default=None, metadata={"help": "Passage corpus to index: .jsonl (id, title, text) "
-                                                               "or .tsv with an id/text/title header (psgs_w100)."})
-    input_file: str | None = field(default=None, metadata={"help": "Question records to retrieve for: JSON list, "
-                                                                   "JSON lines, or .txt (one question a line)."})
-    output_file: str | None = field(default=None, metadata={"help": "Where the records with passages are written "
-                                                                    "(JSON list, PRAG format)."})
-    top_k: int = field(default=3, metadata={"help": "Passages per question."})
-    k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation."})
-    b: float = field(default=0.75, metadata={"help": "BM25 length normalisation."})
-    mmap: bool = field(default=False, metadata={"help": "Memory-map the index instead of reading it into memory "
-                                                        "(Wikipedia-sized corpora)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow replacing an existing index or "
-                                                                        "output file."})
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise UserError(f"--top_k must be at least 1, got {self.top_k}.")
-        if not self.index_dir:
-            raise UserError("--index_dir is required: where the BM25 index is written (with --corpus) or read.")
-        if not self.corpus and not self.input_file:
-            raise UserError("nothing to do: give --corpus to build an index and/or --input_file to retrieve for.")
-        if self.input_file and not self.output_file:
-            raise UserError("--input_file needs --output_file: where the records with passages go.")
 
 
 def load_questions(path: str) -> list[dict[str, Any]]:

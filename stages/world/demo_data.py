@@ -15,17 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .facts import COLOURS, World
-from .text import (
-    QUESTIONS,
-    SYSTEM_PROMPTS,
-    QAPair,
-    join_names,
-    make_corpus,
-    make_passages,
-    make_preferences,
-    make_qa,
-    say,
-)
+from .text import (QUESTIONS, SYSTEM_PROMPTS, QAPair, join_names, make_corpus, make_passages, make_preferences, make_qa,
+                   say)
 
 DATASET_INFO: dict[str, dict[str, Any]] = {
     "demo_pt": {"file_name": "demo_pt.jsonl", "columns": {"prompt": "text"}},
