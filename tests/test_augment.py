@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_stage
+from helpers import run_stage
 
-from dyprag.qa_generation import (HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa, qa_prompt,
-                            refill)
+from dyprag.qa_generation import (HFGenerator, augment_passages, augment_records, distinct_passages, parse_qa,
+                                  qa_prompt, refill)
 from dyprag.prompts import QA_PROMPT, REWRITE_PROMPT
 
 GOOD = ('[{"question": "Q1?", "answer": "A1", "full_answer": "F1."}, '
@@ -149,7 +149,7 @@ def test_refill_tries_the_next_candidates_until_top_k_parsed():
 
 
 def test_candidates_flag_checks():
-    from stages.augment import AugmentArguments
+    from stages.core.dyprag_arguments import AugmentArguments
     from stages.core.errors import UserError
 
     assert AugmentArguments(input_file="q.txt", top_k=3).candidates == 3  # default: no replacement

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_stage
+from helpers import run_stage
 
 from dyprag.inference import results_by_type, results_table, types_markdown
 from stages.benchmark import run_benchmark
@@ -127,7 +127,7 @@ def test_results_per_type_table():
                                                                   ("comparison", 0.0, 0.0))]
     rows, by_type = results_table(predictions), results_by_type(predictions)
     assert list(by_type) == ["bridge", "comparison"] and by_type["bridge"][0]["questions"] == 2
-    assert by_type["bridge"][0]["f1"] == 0.75 and rows[0]["questions"] == 3
+    assert by_type["bridge"][0]["f1"] == 100 * 0.75 and rows[0]["questions"] == 3  # percent
     table = types_markdown(by_type, rows)
     assert "| method | bridge (2) | comparison (1) | all (3) |" in table
     assert "| vanilla | 50.00 / 75.00 | 0.00 / 0.00 | 33.33 / 50.00 |" in table
@@ -148,9 +148,9 @@ def test_prag_eval_reports_each_sub_type(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("dataset", ["2wikimultihopqa", "hotpotqa"])
 def test_the_originals_fewshot_files_read_as_the_cot_prompt_block(dataset):
-    from stages.prag_eval import _read_fewshot
+    from dyprag.prompts import read_fewshot
 
-    block = _read_fewshot(str(Path(__file__).parents[1] / "examples" / "fewshot" / f"{dataset}.json"))
+    block = read_fewshot(str(Path(__file__).parents[1] / "examples" / "fewshot" / f"{dataset}.json"))
     examples = block.strip().split("\n\n")
     assert len(examples) >= 8 and all(e.startswith("Question: ") and "\nAnswer: " in e for e in examples)
     assert all("So the answer is" in e for e in examples)

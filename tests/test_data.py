@@ -57,13 +57,6 @@ class TrainingArgsStub:
         return contextlib.nullcontext()
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """rows in the format the suffix names (json, jsonl, csv, parquet)."""
     import pandas as pd

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FP16_ON_CPU, ROOT, free_port, launch, remove_shared_memory_left, run_stage, stage_env
+from helpers import FP16_ON_CPU, ROOT, free_port, launch, remove_shared_memory_left, run_stage, stage_env
 from test_reliability import pythonpath_with_hook
 
 pytestmark = pytest.mark.slow
@@ -232,7 +232,7 @@ def test_pt_two_ranks_mixed_precision_state_resumes(tiny_model, demo_data, tmp_p
     """ZeRO-2 in half precision: checkpoints hold the fp32 masters and what else DeepSpeed keeps, whole and
     without pickles, and a run resumed after real steps ends with the uninterrupted run's weights.
 
-    - fp16 (made available on these CPU ranks by conftest.FP16_ON_CPU): the dynamic loss scale. The
+    - fp16 (made available on these CPU ranks by helpers.FP16_ON_CPU): the dynamic loss scale. The
       initial scale 2^20 overflows the first steps' gradients, and each overflow halves it and skips the
       step, so the checkpoint holds a smaller scale: a resumed run that started again from 2^20 would skip
       other steps than the uninterrupted run and end with other weights. How many steps overflow depends
@@ -294,7 +294,7 @@ import deepspeed
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
 from stages.core.distributed import (gather_optimizer_state, gather_weights, optimizer_step, restore_optimizer_state,
-                                    restore_weights)
+                                     restore_weights)
 
 deepspeed.init_distributed()
 

@@ -13,13 +13,6 @@ from dyprag.lora import (LoraDeltaLinear, LoraSpec, combine_sum, inject_lora, mo
 SPEC = LoraSpec()  # r=2, alpha=32, gate/up/down
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
-
-
 def random_lora(model, batch: int, seed: int, scale: float = 0.05, spec: LoraSpec = SPEC):
     generator = torch.Generator().manual_seed(seed)
     return {name: (torch.randn(batch, spec.rank, i, generator=generator) * scale,

@@ -9,29 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, launch, run_stage
+from helpers import SHARED_DATA, launch, run_stage
 
 from dyprag.bank import LoraBank, LoraBankError, LoraBankWriter, merge_parts
 from dyprag.passage_training import (EncodeConfig, StepReport, encode_batch, init_lora, linear_cross_entropy, loss_head,
-                           passage_texts, training_tokens)
+                                     passage_texts, training_tokens)
 from dyprag.lora import LoraSpec, inject_lora, save_peft_adapter
 
 SPEC = LoraSpec()
 REAL_RECORDS = SHARED_DATA / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +224,7 @@ def test_stage_encodes_real_records_resumes_and_exports(tiny_model, model, tmp_p
             "--passages_per_batch", "4", "--cutoff_len", "256", "--report_to", "none"]
     run_stage("encode", *args, "--max_samples", "2")
     assert len(LoraBank(out)) == 6
-    run_stage("encode", *args, "--max_samples", "4", "--resume")
+    run_stage("encode", *args, "--max_samples", "4", "--resume_from_checkpoint", "last")
     summary = json.loads((out / "encode_summary.json").read_text())
     assert summary["passages"] == 12 and summary["encoded_now"] == 6 and summary["without_augmentation"] == 0
     records = json.loads(REAL_RECORDS.read_text())[:4]
@@ -246,6 +232,11 @@ def test_stage_encodes_real_records_resumes_and_exports(tiny_model, model, tmp_p
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["loss"]) for r in log)
     _bank_matches_peft_and_injection(model, out, f"{records[3]['test_id']}_2", tmp_path)
+    # The old spelling --resume still continues the bank (nothing left to encode), with a notice naming the new one.
+    result = run_stage("encode", *args, "--max_samples", "4", "--resume")
+    assert "--resume is renamed --resume_from_checkpoint last" in result.stderr
+    summary = json.loads((out / "encode_summary.json").read_text())
+    assert summary["passages"] == 12 and summary["encoded_now"] == 0
 
 
 def test_stage_without_augmentation_trains_on_passages(tiny_model, demo_data, tmp_path):

@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_stage
+from helpers import run_stage
 from torch import nn
 
 from dyprag.lora import inject_lora, select
@@ -73,13 +73,6 @@ class OriginalProjector(nn.Module):
                 ret[f"base_model.model.model.layers.{i}.mlp.{m}.lora_A.weight"] = lora_a
                 ret[f"base_model.model.model.layers.{i}.mlp.{m}.lora_B.weight"] = lora_b
         return ret
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FP16_ON_CPU, ROOT, launch, run_stage, stage_env
+from helpers import FP16_ON_CPU, ROOT, launch, run_stage, stage_env
 from test_reliability import pythonpath_with_hook
 
 QUESTIONS = "river city clock tower blue green red castle bridge garden lamp stone mountain".split()
@@ -503,7 +503,7 @@ def test_ppo_zero3_two_ranks_saves_and_resumes(tiny_model, yes_no_data, chain_sf
 
 @pytest.mark.slow
 def test_ppo_fp16_resumes_exactly(tiny_model, yes_no_data, chain_sft_rm, tmp_path):
-    """ppo in fp16 under ZeRO-2 (made available on these CPU ranks by conftest.FP16_ON_CPU), resumed from a
+    """ppo in fp16 under ZeRO-2 (made available on these CPU ranks by helpers.FP16_ON_CPU), resumed from a
     checkpoint after real updates, ends where the uninterrupted run ended.
 
     Two things besides the fp32 weights: DeepSpeed builds its fp32 master from the weights cast to fp16, so
@@ -538,3 +538,21 @@ def test_ppo_fp16_resumes_exactly(tiny_model, yes_no_data, chain_sft_rm, tmp_pat
     _assert_same_tensors(ppo, resumed, ("adapter_model.safetensors", "checkpoint-6/trained_weights.safetensors",
                                         "checkpoint-6/optimizer.safetensors"))
     assert json.loads((resumed / "checkpoint-6" / "ppo_state.json").read_text())["loss_scale"] == last["loss_scale"]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "sft"])
+def test_old_top_k_spelling_is_the_sampling_top_k_with_a_notice(stage, capsys):
+    """--top_k is the passages per question elsewhere; ppo's and sft's sampling top-k is --sampling_top_k, and
+    the old spelling keeps working for one release, with one line naming the new flag."""
+    from stages.core.arguments import GeneratingArguments, parse_args
+    from stages.core.arguments import PPOArguments
+
+    arg_type = PPOArguments if stage == "ppo" else GeneratingArguments
+    (args,) = parse_args([arg_type], ["--top_k", "5"], stage)
+    assert args.sampling_top_k == 5
+    assert capsys.readouterr().err.count("--top_k is renamed --sampling_top_k; the old name is accepted until the "
+                                         "next release.") == 1
+    (args,) = parse_args([arg_type], ["--sampling_top_k", "7"], stage)
+    assert args.sampling_top_k == 7 and "renamed" not in capsys.readouterr().err
+    if stage == "sft":  # generate() takes it as top_k
+        assert GeneratingArguments(do_sample=True, sampling_top_k=7).to_generate_kwargs()["top_k"] == 7

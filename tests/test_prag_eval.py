@@ -17,24 +17,9 @@ control with every question given another entity's LoRA must lose that gain. DyP
 the same task: a projector trained on five entities' passages and their bank LoRAs must close
 most of the vanilla -> PRAG gap on those passages, and lose it given another entity's passage.
 
-Standard RAG is run and printed but not asserted: reading a value out of a passage in context
-is a skill the tiny model does not acquire in a test's budget. Measured while choosing these
-settings (EM on these 54 questions, gold passage in context): ~0-5 %, the same as vanilla,
-after 150-300 sft steps here, and still after 1500 steps on 30 worlds or 600 steps of the demo
-preset; it answers with a value of the right kind (a year, a colour), not the passage's. With
-the loss on the answer only and half the rows' passages cut to the one sentence that holds the
-answer, RAG reaches 18.5 % against vanilla's 1.9 % after 1500 steps of batch 32 (~9 min on one
-core; 9 % after 4000 steps of batch 8; tying the embeddings did not help). The fixture's
-tokenizer knows the held-out names and years as single tokens, and 46 of the 66 tokens of these
-answers occur in no training text; but another world's questions, whose names split into pieces
-the training texts contain, were read no better (14.8 % after the same 1500 steps). The model can
-copy: on repeated random token sequences it forms induction heads within ~250 steps (copy loss
-0.05). With 300 such steps first and a few such rows in every batch after, RAG reached 13 % by 500
-steps, then moved between 6 % and 18.5 % up to 1500 steps with one seed (the training loss falling
-on memorised answers by then) and stayed at 0-4 % with another. The same with 100 worlds (each row
-seen under twice): 11-26 % at 1250-1500 steps with one seed, 0-4 % with the other. Values replaced
-by random vocabulary pieces (so that only reading lowers the loss) gave 0-2 % without the copy rows
-and 4-11 % with them, by 1000 steps. Nothing here is reliable enough to assert on another CPU.
+Standard RAG is run and printed but not asserted: reading a value out of a passage in context is a
+skill the tiny model does not acquire reliably in a test's budget (it answers with a value of the
+right kind, a year or a colour, not the passage's), so no RAG margin would hold on every CPU and seed.
 """
 
 from __future__ import annotations
@@ -45,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import launch, oracle_records, run_stage, stage_env
+from helpers import launch, oracle_records, run_stage, stage_env
 
 SFT_WORLDS = range(1, 11)  # seeds of the sft worlds; the eval's world is seed 0 (the fixture's)
 METHODS = ["vanilla", "rag", "prag", "prag_combine"]
@@ -54,7 +39,7 @@ METHODS = ["vanilla", "rag", "prag", "prag_combine"]
 def _sft_rows(seed: int, rng: random.Random) -> list[dict[str, str]]:
     """PRAG-prompt QA rows about one world: the entity's passage in context, a quarter closed-book too."""
     from dyprag.prompts import qa_turns
-    from stages.world.build import generate_world, make_passages, make_qa
+    from stages.world import generate_world, make_passages, make_qa
 
     world = generate_world(seed, 40)
     passages = {p["id"]: p["text"] for p in make_passages(world)}
@@ -123,8 +108,8 @@ def test_prag_answers_what_vanilla_cannot(evaluated):
     assert list(table) == METHODS
     records = json.loads(evaluated["records"].read_text())
     assert all(row["questions"] == len(records) for row in table.values())
-    # Clearly better: at least 5 more questions right (of 54) and twice vanilla's score, EM and F1.
-    margin = 5 / len(records)
+    # Clearly better: at least 5 more questions right (of 54) and twice vanilla's score, EM and F1 (in percent).
+    margin = 100 * 5 / len(records)
     for method in ("prag", "prag_combine"):
         for key in ("em", "f1"):
             assert table[method][key] >= max(table["vanilla"][key] + margin, 2 * table["vanilla"][key]), table
@@ -140,7 +125,7 @@ def test_prag_answers_what_vanilla_cannot(evaluated):
     for method in METHODS:
         mine = [p for p in predictions if p["method"] == method]
         assert [p["test_id"] for p in mine] == [r["test_id"] for r in records]
-        assert sum(p["em"] for p in mine) / len(mine) == pytest.approx(table[method]["em"])
+        assert 100 * sum(p["em"] for p in mine) / len(mine) == pytest.approx(table[method]["em"])
     assert payload["config"]["top_k"] == 1
 
     # W&B (offline): the same table, logged as a table file.
@@ -166,7 +151,7 @@ def test_prag_knowledge_comes_from_the_question_s_own_passage(evaluated, tmp_pat
               "--per_device_eval_batch_size", "32", "--report_to", "none", env=stage_env(OMP_NUM_THREADS="2"))
     wrong = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]
     right = {row["method"]: row for row in json.loads((evaluated["out"] / "results.json").read_text())["results"]}
-    assert right["prag"]["em"] >= wrong["em"] + 5 / len(records), (right["prag"], wrong)
+    assert right["prag"]["em"] >= wrong["em"] + 100 * 5 / len(records), (right["prag"], wrong)
 
 
 def test_dyprag_closes_the_gap_on_its_training_passages(evaluated, tmp_path):
@@ -208,7 +193,7 @@ def test_dyprag_closes_the_gap_on_its_training_passages(evaluated, tmp_path):
     (tmp_path / "swapped.json").write_text(json.dumps(swapped))
     run_stage("prag_eval", *evaluate, "--data_file", tmp_path / "swapped.json", "--methods", "dyprag",
               "--output_dir", tmp_path / "swapped", env=env)
-    wrong = json.loads((tmp_path / "swapped" / "results.json").read_text())["results"][0]["em"]
+    wrong = json.loads((tmp_path / "swapped" / "results.json").read_text())["results"][0]["em"] / 100  # percent
     assert trained["dyprag"] >= wrong + margin, (trained, wrong)
 
 
@@ -228,3 +213,14 @@ def test_two_ranks_answer_like_one(evaluated, tmp_path):
     assert len(two) == 18 and two == one
     assert json.loads((tmp_path / "two" / "results.json").read_text())["results"] == \
         json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+
+
+def test_the_old_dyprag_combination_flag_is_read_as_combination(tiny_model, demo_data, tmp_path):
+    """--dyprag_combination is spelled --combination, as in projector_export; the old name works, with a notice."""
+    out = tmp_path / "eval"
+    result = run_stage("prag_eval", "--model_name_or_path", tiny_model, "--data_file", demo_data / "demo_qa.json",
+                       "--max_samples", "2", "--methods", "vanilla", "--max_new_tokens", "2",
+                       "--dyprag_combination", "deltas", "--output_dir", out, "--report_to", "none")
+    assert "--dyprag_combination is renamed --combination; the old name is accepted" in result.stderr
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["combination"] == "deltas" and "dyprag_combination" not in config

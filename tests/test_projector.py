@@ -10,31 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, run_stage, stage_env
+from helpers import launch, run_stage, stage_env
 from safetensors.torch import load_file
 
 from dyprag.bank import LoraBank
 from dyprag.lora import LoraSpec, inject_lora, save_peft_adapter, select, target_module_names
-from dyprag.projector_model import (Projector, ProjectorConfig, ProjectorLoras, combine_loras,
-                               distillation_losses, load_projector, pad_right, passage_hidden, qa_text,
-                               tokenize_passages)
+from dyprag.padding import pad_rows
+from dyprag.projector_model import (Projector, ProjectorConfig, ProjectorLoras, combine_loras, distillation_losses,
+                                    load_projector, passage_hidden, qa_text, tokenize_passages)
+
+from stages.core.arguments import IGNORE_INDEX
 
 SPEC = LoraSpec()
 PAIRS = 8  # --max_samples 8 demo_qa records: one (first passage, record question) pair each
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +69,11 @@ def _logits(model, ids):
 IDS = torch.randint(4, 1000, (2, 14), generator=torch.Generator().manual_seed(0))
 
 
+def _adds(delta):
+    """A forward hook adding x @ delta^T to a linear layer's output: the original's unscaled LoRA delta."""
+    return lambda module, args, out: out + args[0] @ delta.T
+
+
 def test_projector_starts_near_zero(model, tokenizer, records):
     torch.manual_seed(0)
     projector = Projector(ProjectorConfig.for_model(model, SPEC))
@@ -104,8 +97,8 @@ def test_loss_terms_equal_a_per_sample_reference(model, tokenizer, records, bank
     real = bank.load(["0_0", "4_0"])
     texts = [qa_text(tokenizer, records[i]["question"], records[i]["answer"][0]) for i in (0, 4)]
     texts[1] = (texts[1][0] + [5, 6, 7], texts[1][1])  # different lengths: the first row gets padding
-    input_ids = pad_right([t for t, _ in texts], tokenizer.pad_token_id)
-    labels = pad_right([[-100] * start + text[start:] for text, start in texts], -100)
+    input_ids = pad_rows([t for t, _ in texts], tokenizer.pad_token_id)
+    labels = pad_rows([[IGNORE_INDEX] * start + text[start:] for text, start in texts], IGNORE_INDEX)
     torch.manual_seed(0)
     projector = Projector(ProjectorConfig.for_model(model, SPEC, init_std=1e-2))
     generated = projector(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
@@ -143,8 +136,8 @@ def test_original_objective_equals_the_originals_step_without_padding(model, tok
     texts = [qa_text(tokenizer, records[i]["question"], records[i]["answer"][0], [records[i]["passages"][0]])[0]
              for i in (0, 4)]
     texts[1] = texts[1] + [5, 6, 7]  # different lengths: the first row gets padding
-    input_ids = pad_right(texts, tokenizer.pad_token_id)
-    labels = pad_right(texts, -100)
+    input_ids = pad_rows(texts, tokenizer.pad_token_id)
+    labels = pad_rows(texts, IGNORE_INDEX)
     torch.manual_seed(0)
     projector = Projector(ProjectorConfig.for_model(model, SPEC, init_std=1e-2))
     generated = projector(_hidden(model, tokenizer, [records[i]["passages"][0] for i in (0, 4)]))
@@ -156,9 +149,8 @@ def test_original_objective_equals_the_originals_step_without_padding(model, tok
         ids = torch.tensor([text])
         with inject_lora(model, select(real, row), SPEC.scaling):  # the teacher: peft's alpha/r
             teacher = _logits(model, ids)
-        handles = [model.get_submodule(name).register_forward_hook(
-            lambda module, args, out, d=(b[row] @ a[row]).detach(): out + args[0] @ d.T)
-            for name, (a, b) in generated.items()]
+        handles = [model.get_submodule(name).register_forward_hook(_adds((b[row] @ a[row]).detach()))
+                   for name, (a, b) in generated.items()]
         try:
             with torch.no_grad():
                 student = model(input_ids=ids, labels=ids)
@@ -178,7 +170,9 @@ def test_original_objective_equals_the_originals_step_without_padding(model, tok
 def test_pairs_meet_their_lora_by_key_in_any_record_order(tokenizer, records, bank_dir):
     """A passage's teacher is the bank row of its own key "<test_id>_<pid>", whatever order the records come in
     (the original matches its projector's passages with the encoded LoRAs by position)."""
-    from stages.projector import ProjectorArguments, Teachers, build_pairs
+    from stages.core.projector_trainer import Teachers
+    from stages.core.dyprag_arguments import ProjectorArguments
+    from stages.projector import build_pairs
 
     bank = LoraBank(bank_dir)
     args = ProjectorArguments(data_file="records.json", bank_dir=str(bank_dir))
@@ -299,10 +293,10 @@ def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, 
     final = load_file(str(out / "projector.safetensors"))
     assert not torch.equal(final["kinds.up_proj.w_b"], load_file(str(out / "checkpoint-2" / "projector.safetensors"))
                            ["kinds.up_proj.w_b"])
-    # As if killed after step 2: resume `auto` picks checkpoint-2 and continues the step count to 4.
+    # As if killed after step 2: resume `last` picks checkpoint-2 and continues the step count to 4.
     shutil.rmtree(out / "checkpoint-4")
     (out / "projector.safetensors").unlink()
-    launch("projector", *args, "--resume_from_checkpoint", "auto")
+    launch("projector", *args, "--resume_from_checkpoint", "last")
     steps = [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 3, 4]
     again = load_file(str(out / "projector.safetensors"))
@@ -324,7 +318,7 @@ def test_two_ranks_zero2_train_save_and_resume_and_zero3(tiny_model, demo_data, 
 def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
     """--qa_pairs first --qa_with_passage --with_cot: one chain-of-thought text per passage, with the passage in
     context and the QA's full_answer; --objective original saves a projector injected unscaled (alpha = r)."""
-    from conftest import SHARED_DATA
+    from helpers import SHARED_DATA
 
     real = SHARED_DATA / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
     if not real.is_file():
@@ -348,14 +342,15 @@ def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from stages.projector import ProjectorArguments, build_pairs
-    from stages.prag_eval import _read_fewshot
+    from stages.core.dyprag_arguments import ProjectorArguments
+    from stages.projector import build_pairs
+    from dyprag.prompts import read_fewshot
 
     record = json.loads(real.read_text())[0]
     args = ProjectorArguments(data_file=str(real), bank_dir=str(bank), qa_pairs="first", qa_with_passage=True,
                               with_cot=True, fewshot_file=str(fewshot))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    pairs, _ = build_pairs([record], "llama3.2-1b-instruct", tokenizer, args, _read_fewshot(str(fewshot)))
+    pairs, _ = build_pairs([record], "llama3.2-1b-instruct", tokenizer, args, read_fewshot(str(fewshot)))
     first = record["augment"][0]
     text = tokenizer.decode(pairs[0].text)
     assert len(pairs) == len(record["augment"]) and "So the answer is Shakespeare" in text
@@ -364,7 +359,7 @@ def test_the_originals_texts_and_objective_train(tiny_model, tmp_path):
 
 def test_real_records_train_and_answer(tiny_model, tmp_path):
     """The published augmented records: QA pairs from `<model>_qa` (name detected), projector, DyPRAG answers."""
-    from conftest import SHARED_DATA
+    from helpers import SHARED_DATA
 
     real = SHARED_DATA / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
     if not real.is_file():

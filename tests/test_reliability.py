@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_stage, stage_env
+from helpers import run_stage, stage_env
 
 DIVERGING = ["--do_train", "--finetuning_type", "full", "--max_steps", "4", "--save_steps", "1",
              "--learning_rate", "1e30", "--max_grad_norm", "0", "--per_device_train_batch_size", "4",
@@ -108,7 +108,7 @@ def test_optimizer_state_goes_through_safetensors_and_json(optim, tmp_path):
     optimizer, the next step is the original's."""
     from transformers import Trainer, TrainingArguments
 
-    from stages.core.trainers import optimizer_state_from_files, optimizer_state_to_files
+    from stages.core.checkpoint import optimizer_state_from_files, optimizer_state_to_files
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
         TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none"))
@@ -139,7 +139,7 @@ def test_one_rank_failing_stops_the_job_in_bounded_time(failure, tiny_model, dem
     end both, and say which rank failed and why."""
     import time
 
-    from conftest import launch
+    from helpers import launch
 
     start = time.monotonic()
     result = launch("sft", "--model_name_or_path", tiny_model, "--dataset", "demo_sft", "--dataset_dir", demo_data,
@@ -265,29 +265,43 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(stage
     assert tail == pytest.approx({step: losses[step] for step in (2, 3, 4)}, abs=1e-5)
 
 
-@pytest.mark.parametrize("leftover", [".saving/checkpoint-1/model.safetensors", ".checkpoint-1.tmp/projector.safetensors"])
+@pytest.mark.parametrize("leftover", [".saving/checkpoint-1/model.safetensors",
+                                      ".checkpoint-1.tmp/projector.safetensors"])
 def test_a_run_killed_during_its_first_save_starts_again_without_overwrite(leftover, tmp_path):
     """Nothing whole was written (only run_config.json and a half checkpoint): the same command starts anew.
     Anything else in the folder is a run and is refused, with the fix that applies (resume only from a checkpoint)."""
-    from types import SimpleNamespace
-
-    from stages.core.stage import prepare_output_dir
     from stages.core.errors import UserError
+    from stages.core.stage import prepare_output_dir
 
     out = tmp_path / "run"
     (out / leftover).parent.mkdir(parents=True)
     (out / leftover).write_bytes(b"half")
     (out / "run_config.json").write_text("{}")
-    training_args = SimpleNamespace(do_train=True, do_eval=False, do_predict=False, output_dir=str(out),
-                                    resume_from_checkpoint=None)
-    run_args = SimpleNamespace(overwrite_output_dir=False)
-    prepare_output_dir(training_args, run_args)
+    prepare_output_dir(str(out), overwrite=False, resumable=True)
     for kept, fix in (("checkpoint-1", "--resume_from_checkpoint last"), ("trainer_log.jsonl", "--overwrite_output")):
         (out / kept).mkdir()
         with pytest.raises(UserError, match="already holds a run") as refused:
-            prepare_output_dir(training_args, run_args)
+            prepare_output_dir(str(out), overwrite=False, resumable=True)
         assert fix in str(refused.value)
         (out / kept).rmdir()
+
+
+def test_resume_auto_is_last_with_a_notice(tmp_path, caplog):
+    """`--resume_from_checkpoint auto` (the projector's old spelling) resolves as `last`, with one notice."""
+    import logging
+    from types import SimpleNamespace
+
+    from stages.core.stage import resolve_resume
+
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    training_args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint="auto")
+    with caplog.at_level(logging.INFO, logger="stages.core.stage"):
+        resolve_resume(training_args)
+    assert training_args.resume_from_checkpoint == str(tmp_path / "checkpoint-10")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--resume_from_checkpoint auto is renamed --resume_from_checkpoint last; the old name is accepted until "
+        "the next release."]
 
 
 # -------------------------------------------------------- projector and encode: loops of their own
@@ -457,20 +471,22 @@ def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_mode
 def projector_args(tiny_model, records, bank_dir, out, *extra) -> list:
     """2 pairs (one per record), one per step: 2 steps per epoch, a checkpoint every step."""
     return ["--model_name_or_path", tiny_model, "--data_file", records, "--bank_dir", bank_dir, "--output_dir", out,
-            "--per_device_train_batch_size", "1", "--max_steps", "4", "--save_steps", "1", "--report_to", "none", *extra]
+            "--per_device_train_batch_size", "1", "--max_steps", "4", "--save_steps", "1", "--report_to", "none",
+            *extra]
 
 
 def test_projector_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, encode_records, clean_bank, tmp_path):
     from dyprag.projector_model import load_projector
 
     out = tmp_path / "run"
-    result = run_stage("projector", *projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "1e30"),
+    result = run_stage("projector",
+                       *projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "1e30"),
                        check=False, env=stage_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("stopped (rank 0): the training loss is nan at step 2; nothing of this step was applied"), \
         last
-    assert "--resume_from_checkpoint auto" in last and "--nan_policy skip" in last and "Traceback" not in result.stderr
+    assert "--resume_from_checkpoint last" in last and "--nan_policy skip" in last and "Traceback" not in result.stderr
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "projector.safetensors").exists()
     projector = load_projector(out / "checkpoint-1")
@@ -499,7 +515,7 @@ def test_projector_nan_loss_skip_adds_no_gradient(tiny_model, encode_records, cl
 def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_matches(tiny_model, encode_records,
                                                                                      clean_bank, tmp_path):
     """SIGKILL half-way through checkpoint-2's optimizer file: checkpoint-1 is intact, the half-written folder stays
-    under its temp name, and `--resume_from_checkpoint auto` (never the temp folder) ends as the whole run."""
+    under .saving/, and `--resume_from_checkpoint last` (never the half-written folder) ends as the whole run."""
     from safetensors.torch import load_file
 
     from dyprag.projector_model import load_projector
@@ -511,16 +527,17 @@ def test_projector_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_mat
     out = tmp_path / "killed"
     args = projector_args(tiny_model, encode_records, clean_bank, out, "--learning_rate", "3e-3")
     killed = run_stage("projector", *args, check=False,
-                       env={**env, "KILL_WHILE_WRITING": ".checkpoint-2.tmp/optimizer.safetensors",
+                       env={**env, "KILL_WHILE_WRITING": ".saving/checkpoint-2/optimizer.safetensors",
                             "PYTHONPATH": pythonpath_with_hook(tmp_path, KILL_WHILE_WRITING)})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [".checkpoint-2.tmp", "checkpoint-1"]
-    assert (out / ".checkpoint-2.tmp" / "projector.safetensors").exists()  # written before the kill
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
+    assert (out / ".saving" / "checkpoint-2" / "projector.safetensors").exists()  # written before the kill
     load_projector(out / "checkpoint-1")
     load_file(out / "checkpoint-1" / "optimizer.safetensors")
 
-    run_stage("projector", *args, "--resume_from_checkpoint", "auto", env=env)
+    run_stage("projector", *args, "--resume_from_checkpoint", "last", env=env)
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
+    assert not (out / ".saving").exists()
     whole, resumed = load_file(tmp_path / "whole" / "projector.safetensors"), load_file(out / "projector.safetensors")
     assert whole.keys() == resumed.keys()
     for key in whole:

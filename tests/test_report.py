@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, run_stage
+from helpers import ROOT, run_stage
 from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +84,7 @@ def pipeline(tmp_path_factory) -> Path:
     ppo (TRL's statistics), encode, projector (stages.core.callbacks.log_step), two question sets, a foreign folder."""
     from dyprag.inference import METHODS
     from stages.core.callbacks import log_step
-    from stages.projector import LOSS_KEYS
+    from stages.core.projector_trainer import LOSS_KEYS
 
     runs = tmp_path_factory.mktemp("runs")
     pt = _stage(runs, "pt", "pt", ["examples/demo/pt.yaml", "--max_steps", "30"], model_name_or_path="runs/demo/m",
@@ -183,8 +183,8 @@ def test_every_figure_holds_its_data(pipeline):
         assert [t.get_text() for t in ax.get_xticklabels()] == [r["method"] for r in rows]
         assert [c.get_label() for c in ax.containers] == ["EM", "F1"]
         for container, key in zip(ax.containers, ("em", "f1")):
-            assert [bar.get_height() for bar in container] == pytest.approx([100 * r[key] for r in rows])
-        assert max(r["f1"] for r in rows) > 0 and ax.get_ylim()[1] >= 100 * max(r["f1"] for r in rows)
+            assert [bar.get_height() for bar in container] == pytest.approx([r[key] for r in rows])
+        assert max(r["f1"] for r in rows) > 0 and ax.get_ylim()[1] >= max(r["f1"] for r in rows)
     # A stage with nothing to draw gets no figure, not an empty one.
     assert stage_figures("augment", pipeline / "not_a_stage") == {}
 
@@ -231,8 +231,8 @@ def test_report_page(pipeline, tmp_path):
         assert [row[0] for row in table] == [r["method"] for r in rows]
         for row, source in zip(table, rows):
             assert int(row[1]) == source["questions"]
-            assert [float(c) for c in row[2:]] == [round(100 * source[k], 2) for k in ("em", "f1", "precision",
-                                                                                      "recall")]
+            assert [float(c) for c in row[2:]] == [round(source[k], 2) for k in ("em", "f1", "precision",
+                                                                                 "recall")]
         assert re.search(rf"<div class='side'><table><tr><th>method</th>.*?</table><img alt='{name} results'", page)
 
     # Sample answers where predictions.jsonl exists: question, gold aliases, each method's answer.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_stage
+from helpers import run_stage
 
 from dyprag.retrieval import BM25Index, CorpusError, read_corpus
 

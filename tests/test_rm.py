@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, launch, run_stage, stage_env
+from helpers import ROOT, launch, run_stage, stage_env
 
 GOOD = "river garden lamp castle tower stone".split()
 BAD = "city bridge clock mountain teal white".split()
@@ -174,10 +174,14 @@ def test_rm_on_real_dpo_en_demo(tiny_model, real_data, tmp_path):
     out = tmp_path / "rm"
     run_stage("rm", "--model_name_or_path", tiny_model, "--dataset", "dpo_en_demo", "--dataset_dir", real_data,
               "--max_samples", "40", "--cutoff_len", "256", "--val_size", "8", "--output_dir", out, "--do_train",
-              "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4", "--report_to", "none",
-              env=stage_env(OMP_NUM_THREADS="1"))
+              "--do_eval", "--do_predict", "--max_steps", "3", "--per_device_train_batch_size", "4",
+              "--report_to", "none", env=stage_env(OMP_NUM_THREADS="1"))
     metrics = json.loads((out / "all_results.json").read_text())
-    assert 0 <= metrics["eval_accuracy"] <= 1 and math.isfinite(metrics["eval_margin"])
+    # The evaluation's accuracy and margin are those of the 8 held-out pairs' scores the run wrote.
+    margin = _predictions(out)[:, 0] - _predictions(out)[:, 1]
+    assert margin.shape == (8,) and math.isfinite(metrics["eval_margin"])
+    assert metrics["eval_accuracy"] == pytest.approx((margin > 0).float().mean().item())
+    assert metrics["eval_margin"] == pytest.approx(margin.mean().item(), abs=1e-5)
     assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["train_loss"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
 

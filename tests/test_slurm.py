@@ -15,7 +15,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import ROOT, free_port, run_stage, stage_env
+from helpers import ROOT, free_port, run_stage, stage_env
 
 pytestmark = pytest.mark.slurm
 

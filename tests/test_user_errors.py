@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import ROOT, run_stage, stage_env
+from helpers import ROOT, run_stage, stage_env
 
 ZERO0, ZERO3 = ROOT / "ds_configs" / "zero0.json", ROOT / "ds_configs" / "zero3.json"
 
@@ -87,13 +86,13 @@ def export(env: dict[str, Path], out: str | Path, projector_dir: Path | None = N
 #   retrieve         missing / not UTF-8 / malformed / text-less / empty corpus; malformed --input_file; not an
 #                    index; index_dir or output_file that exists
 #   encode           missing / malformed (JSON list) --input_file; no passages; LoRA rank 0; ZeRO-3; not a causal
-#                    LM; output_dir holding a bank; truncated shard on --resume
+#                    LM; output_dir holding a bank; truncated shard on --resume_from_checkpoint
 #   projector        missing --data_file; no / not a --bank_dir; no record in --split; every pair longer than
 #                    --cutoff_len (dropped); 8-bit under ZeRO-3; not a causal LM; output_dir holding a run; corrupt
 #                    bank shard (sha256); truncated checkpoint
 #   prag_eval        missing / not UTF-8 / answer-less --data_file; no record in --split; --bank_dir that is not a
 #                    folder; ZeRO-3 (generation); not a causal LM; output_dir holding files; corrupt bank shard;
-#                    truncated projector
+#                    truncated projector; --fewshot_file that is not JSON
 #   projector_export not a projector; truncated projector; missing / malformed --passages_file (the line); not a
 #                    causal LM; output_dir holding an adapter
 # Longer than --cutoff_len but cut, not dropped (no error; the log counts them): sft and rm conversations, ppo
@@ -342,10 +341,12 @@ CASES: dict[str, Case] = {
         lambda e: ["--model_name_or_path", str(e["t5"]), "not a causal LM"]),
     "encode_output_dir_holds_a_bank": Case(
         "encode", lambda e: prag(e, e["bank"], flag="--input_file"),
-        lambda e: ["--output_dir", str(e["bank"]), "already holds a LoRA bank", "--resume", "--overwrite_output_dir"]),
+        lambda e: ["--output_dir", str(e["bank"]), "already holds a run", "--resume_from_checkpoint last",
+                   "--overwrite_output_dir"]),
     "encode_resume_with_a_truncated_shard": Case(
-        "encode", lambda e: [*prag(e, e["bank_to_resume"], flag="--input_file"), "--resume"],
-        lambda e: ["--resume", str(e["bank_to_resume"] / "shard-00000.safetensors"), "truncated"], args_only=False),
+        "encode", lambda e: [*prag(e, e["bank_to_resume"], flag="--input_file"), "--resume_from_checkpoint", "last"],
+        lambda e: ["--resume_from_checkpoint", str(e["bank_to_resume"] / "shard-00000.safetensors"), "truncated"],
+        args_only=False),
     # ------------------------------------------------------------------ projector
     "projector_missing_data_file": Case(
         "projector", lambda e: [*prag(e, "projector_missing_data_file", e["data"] / "missing.json"), "--bank_dir",
@@ -400,6 +401,10 @@ CASES: dict[str, Case] = {
     "prag_eval_bank_dir_not_a_folder": Case(
         "prag_eval", lambda e: [*prag(e, "prag_eval_bank_dir_not_a_folder"), "--bank_dir", e["data"] / "no_bank"],
         lambda e: ["--bank_dir", str(e["data"] / "no_bank"), "stages.encode"]),
+    "prag_eval_fewshot_file_not_json": Case(
+        "prag_eval", lambda e: [*prag(e, "prag_eval_fewshot_file_not_json"), "--bank_dir", e["bank"], "--with_cot",
+                                "--fewshot_file", e["records_not_utf8"]],
+        lambda e: ["--fewshot_file", str(e["records_not_utf8"]), "could not be read as JSON"]),
     "prag_eval_zero3": Case(
         "prag_eval", lambda e: [*prag(e, "prag_eval_zero3"), "--bank_dir", e["bank"], "--deepspeed", ZERO3],
         lambda e: ["--deepspeed", "ZeRO-3", "zero2.json"]),
@@ -718,9 +723,13 @@ def test_refused_runs_leave_the_users_files_untouched(env, outcomes):
         assert outcomes[case].returncode == 2, case
         now = _snapshot(env[name]) if env[name].is_dir() else env[name].read_bytes()
         assert now == outcomes["_before"][name], f"{env[name]} was modified"
-    # rm reads its data before it writes anything: the corrected command can use the same folder.
+    # A refused rm run leaves only its run_config.json: the corrected command can use the same folder.
+    from stages.core.stage import CONFIG_FILE, prepare_output_dir
+
+    refused = env["out"] / "rm_non_pairwise_dataset"
     assert outcomes["rm_non_pairwise_dataset"].returncode == 2
-    assert not (env["out"] / "rm_non_pairwise_dataset").exists()
+    assert [path.name for path in refused.iterdir()] == [CONFIG_FILE]
+    prepare_output_dir(str(refused), overwrite=False)  # not refused: no run is in the folder
     # The accepted runs were allowed to write (their own config), and kept what the user had.
     for name in ("run_to_overwrite", "run_to_resume"):
         assert (env[name] / "run_config.json").is_file()

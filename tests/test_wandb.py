@@ -1,7 +1,6 @@
 """W&B offline: an sft run logs to a local run that reads back like trainer_log.jsonl, and keeps no key.
 
-wandb 0.31 no longer ships a Python reader for its `.wandb` files (the old
-`wandb.sdk.internal.datastore.DataStore` is gone; its Go core writes them). The format is
+wandb (0.31) ships no Python reader for its `.wandb` files (its Go core writes them). The format is
 LevelDB's log format behind a 7-byte W&B header, each record a `wandb_internal_pb2.Record`,
 so the few lines below read it with wandb's own protobuf classes.
 """
@@ -13,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import run_stage, stage_env
+from helpers import run_stage, stage_env
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"  # 40+ chars, shaped like a real key
 BLOCK = 32768  # LevelDB log block size
