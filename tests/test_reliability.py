@@ -405,7 +405,7 @@ def assert_same_loras(bank_dir, reference_dir, ids, atol: float = 1e-6) -> None:
 def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys, tiny_model, encode_records,
                                                             clean_bank, encode_batches, tmp_path):
     """A passage of batch 2 diverges: batch 1 (still buffered, shard_size 4) is written, nothing of batch 2;
-    --resume then finishes the bank with the LoRAs of the uninterrupted run."""
+    --resume_from_checkpoint last then finishes the bank with the LoRAs of the uninterrupted run."""
     bad = encode_batches[1][0]
     out = tmp_path / "bank"
     with monkeypatch.context() as patch:
@@ -415,11 +415,11 @@ def test_encode_nan_stops_after_writing_the_earlier_batches(monkeypatch, capsys,
     assert stopped.value.code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"stopped (rank 0): the training loss of passage(s) {bad} became NaN/inf (batch 2);")
-    assert "--resume" in last and "--nan_policy skip" in last
+    assert "--resume_from_checkpoint last" in last and "--nan_policy skip" in last
     part = json.loads((out / "index.rank00000.json").read_text())
     assert sorted(part["passages"]) == sorted(encode_batches[0]) and not (out / "index.json").exists()
 
-    encode_in_process(tiny_model, encode_records, out, "--shard_size", "4", "--resume")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "4", "--resume_from_checkpoint", "last")
     assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
 
 
@@ -445,8 +445,8 @@ def test_encode_nan_skip_leaves_the_passage_out(monkeypatch, tiny_model, encode_
 
 def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_model, encode_records, clean_bank,
                                                                        encode_batches, tmp_path):
-    """Killed half-way through writing the second shard: the index names the first only, and --resume ends with
-    the bank of the uninterrupted run."""
+    """Killed half-way through writing the second shard: the index names the first only, and
+    --resume_from_checkpoint last ends with the bank of the uninterrupted run."""
     import hashlib
 
     out = tmp_path / "bank"
@@ -463,7 +463,7 @@ def test_encode_sigkill_while_writing_a_shard_resumes_to_the_same_bank(tiny_mode
     assert (out / ".rank00000-shard-00001.safetensors.tmp").exists()  # the half-written one, under its temp name
     assert not (out / "rank00000-shard-00001.safetensors").exists()
 
-    encode_in_process(tiny_model, encode_records, out, "--shard_size", "2", "--resume")
+    encode_in_process(tiny_model, encode_records, out, "--shard_size", "2", "--resume_from_checkpoint", "last")
     assert not list(out.glob(".*.tmp"))
     assert_same_loras(out, clean_bank, [pid for batch in encode_batches for pid in batch])
 
