@@ -57,6 +57,9 @@ from .padding import IGNORE_INDEX, pad_rows
 CONFIG_FILE = "projector_config.json"
 WEIGHTS_FILE = "projector.safetensors"
 FORMAT = "dyprag-projector"
+# Projector folders of release 0.1.0 name the files (and the format) after a "translator"; they are read as well,
+# until the next release.
+TRANSLATOR_FILES, TRANSLATOR_FORMAT = ("translator_config.json", "translator.safetensors"), "dyprag-translator"
 POOLINGS = ("last", "mean")
 COMBINATIONS = ("factors", "deltas")
 
@@ -103,7 +106,7 @@ class ProjectorConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ProjectorConfig:
-        if values.get("format") != FORMAT:
+        if values.get("format") not in (FORMAT, TRANSLATOR_FORMAT):
             raise ValueError(f"not a projector config (format {FORMAT!r})")
         keys = ("hidden_size", "modules", "projector_p", "pooling", "max_passage_length", "init_std",
                 "base_model_name_or_path")
@@ -182,23 +185,31 @@ class ProjectorError(ValueError):
     """A projector folder that is missing, truncated or corrupt; the message names the file."""
 
 
+def projector_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """The config and weights files of a projector folder: ours, or the translator_* names of release 0.1.0."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() and (folder / TRANSLATOR_FILES[0]).is_file():
+        return folder / TRANSLATOR_FILES[0], folder / TRANSLATOR_FILES[1]
+    return folder / CONFIG_FILE, folder / WEIGHTS_FILE
+
+
 def load_projector(folder: str | os.PathLike, device: torch.device | str | None = None) -> Projector:
     """A saved projector (fp32, eval mode, no gradients) from its folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    config_file, weights_file = projector_files(folder)
     try:
-        config = ProjectorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+        config = ProjectorConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ProjectorError(f"projector config {folder / CONFIG_FILE} cannot be read ({err}); point at a "
+        raise ProjectorError(f"projector config {config_file} cannot be read ({err}); point at a "
                               f"stages.projector output_dir or one of its checkpoint-N folders.") from None
     projector = Projector(config)
     try:
-        projector.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        projector.load_state_dict(load_file(str(weights_file)))
     except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: tensors of another projector
         first = str(err).strip().splitlines()[0]
-        raise ProjectorError(f"projector weights {folder / WEIGHTS_FILE} are missing, truncated or corrupt "
+        raise ProjectorError(f"projector weights {weights_file} are missing, truncated or corrupt "
                               f"({first}); train the projector again (python -m stages.projector) or use another "
                               f"checkpoint-N folder.") from None
     return projector.to(device).eval().requires_grad_(False)

@@ -29,7 +29,7 @@ STAGE = "projector_export"
 def run_projector_export(argv: list[str] | None = None) -> None:
     from dyprag.lora import ADAPTER_CONFIG, LoraSpec, save_peft_adapter, select
     from dyprag.projector_model import (CONFIG_FILE, ProjectorError, ProjectorLoras, check_projector_fits,
-                                        combine_loras, load_projector)
+                                        combine_loras, load_projector, projector_files)
 
     from .core.arguments import FinetuningArguments, ModelArguments, parse_args
     from .core.distributed import local_device
@@ -37,7 +37,7 @@ def run_projector_export(argv: list[str] | None = None) -> None:
 
     model_args, export_args = parse_args([ModelArguments, ProjectorExportArguments], argv, STAGE)
     folder, out = Path(export_args.projector_dir), Path(export_args.output_dir)
-    if not (folder / CONFIG_FILE).is_file():
+    if not projector_files(folder)[0].is_file():
         raise UserError(f"--projector_dir {folder} holds no {CONFIG_FILE}; point it at a stages.projector output_dir.")
     if (out / ADAPTER_CONFIG).is_file() and not export_args.overwrite_output_dir:
         raise UserError(f"--output_dir {out} already holds an adapter; pick a new folder or add "

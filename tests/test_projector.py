@@ -265,6 +265,22 @@ def test_generated_adapter_loads_with_plain_peft(trained, model, tokenizer, reco
         torch.testing.assert_close(injected, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_translator_named_folder_of_release_0_1_0_still_loads_and_exports(trained, tmp_path):
+    """A projector folder whose files and format carry the 0.1.0 names (translator_config.json,
+    translator.safetensors, "dyprag-translator") loads with the same weights and exports an adapter."""
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((trained / "projector_config.json").read_text())
+    (old / "translator_config.json").write_text(json.dumps({**config, "format": "dyprag-translator"}))
+    shutil.copy(trained / "projector.safetensors", old / "translator.safetensors")
+    loaded, current = load_projector(old).state_dict(), load_projector(trained).state_dict()
+    assert loaded.keys() == current.keys()
+    assert all(torch.equal(loaded[key], current[key]) for key in current)
+    run_stage("projector_export", "--projector_dir", old, "--passage", "Kreilshom is a city.",
+              "--output_dir", tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
 def test_prag_eval_gains_dyprag_rows(trained, tiny_model, demo_data, bank_dir, tmp_path):
     out = tmp_path / "eval"
     run_stage("prag_eval", "--model_name_or_path", tiny_model, "--data_file", demo_data / "demo_qa.json",
