@@ -299,7 +299,8 @@ def test_resume_auto_is_last_with_a_notice(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="stages.core.stage"):
         resolve_resume(training_args)
     assert training_args.resume_from_checkpoint == str(tmp_path / "checkpoint-10")
-    assert [r.getMessage() for r in caplog.records] == [
+    # Only this module's records: importing transformers first in the process may log a bitsandbytes line.
+    assert [r.getMessage() for r in caplog.records if r.name == "stages.core.stage"] == [
         "--resume_from_checkpoint auto is renamed --resume_from_checkpoint last; the old name is accepted until "
         "the next release."]
 
