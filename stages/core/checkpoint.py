@@ -61,6 +61,13 @@ def staged_checkpoint(output_dir: Path, name: str, *, main: bool, barrier: Calla
     barrier()
 
 
+def save_whole_tensors(tensors: dict[str, Any], path: Path) -> None:
+    """Gathered whole tensors (fp32 master weights, optimizer moments) as one fp32 safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({key: value.detach().float().contiguous().cpu() for key, value in tensors.items()}, str(path))
+
+
 def optimizer_state_to_files(state_dict: dict[str, Any], folder: Path, stem: str = OPTIMIZER) -> None:
     """A torch optimizer's state_dict as tensors (STEM.safetensors) + the rest (STEM.json).
 

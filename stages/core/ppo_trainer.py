@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import trl.experimental.ppo.ppo_trainer as trl_ppo
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.experimental.ppo import PPOTrainer
@@ -26,7 +26,7 @@ from trl.experimental.ppo.ppo_trainer import batch_generation, generate, truncat
 from trl.experimental.utils import get_reward
 from trl.models.utils import unwrap_model_for_generation
 
-from .checkpoint import restore_rng_state, save_rng_state, staged_checkpoint
+from .checkpoint import restore_rng_state, save_rng_state, save_whole_tensors, staged_checkpoint
 from .distributed import (gather_optimizer_state, gather_weights, loss_scale_state, optimizer_step, restore_loss_scale,
                           restore_optimizer_state, restore_scheduler, restore_weights)
 from .errors import RunStopped, UserError
@@ -542,8 +542,7 @@ class PolicyTrainer(PPOTrainer):
             save_rng_state(staging / RNG_FILE.format(rank=self.accelerator.process_index))
             if main:
                 for tensors, file in ((weights, WEIGHTS_FILE), (optimizer_state, OPTIMIZER_FILE)):
-                    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                              str(staging / file))
+                    save_whole_tensors(tensors, staging / file)
                 ppo_state = {"updates": self.state.global_step, "optimizer_step": optimizer_step(self.optimizer),
                              "loss_scale": loss_scale_state(self.optimizer),
                              "scheduler": self.lr_scheduler.state_dict(), "world_size": self.accelerator.num_processes,

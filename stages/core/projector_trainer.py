@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .arguments import IGNORE_INDEX
-from .checkpoint import restore_rng_state, save_rng_state, staged_checkpoint
+from .checkpoint import restore_rng_state, save_rng_state, save_whole_tensors, staged_checkpoint
 from .distributed import (gather_optimizer_state, gather_weights, local_device, restore_optimizer_state,
                           restore_scheduler, without_round_robin_gradients)
 from .errors import RunStopped, UserError
@@ -315,8 +315,6 @@ class ProjectorTrainer:
     def save_checkpoint(self, epoch: int) -> None:
         """output_dir/checkpoint-<step>: projector weights + config, Adam moments (whole tensors, gathered from the
         ZeRO partitions: a run resumes on any number of ranks), trainer state, rank 0's random generators."""
-        from safetensors.torch import save_file
-
         from dyprag.projector_model import save_projector
 
         main = self.run.rank == 0
@@ -330,8 +328,7 @@ class ProjectorTrainer:
             moments = gather_optimizer_state(self.engine.module, self.engine.optimizer)
             if main:
                 save_projector(self.projector, staged.folder, state=weights)
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in moments.items()},
-                          str(staged.folder / OPTIMIZER_FILE))
+                save_whole_tensors(moments, staged.folder / OPTIMIZER_FILE)
                 save_rng_state(staged.folder / RNG_FILE)
                 (staged.folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         if main:

@@ -64,9 +64,9 @@ def start_stage(stage: str, arg_types: list[type], argv: list[str] | None, *, tr
     Every stage is seeded with --seed here, before any model is built (LoRA's initial A is random).
     Returns the parsed argument objects, in the order of `arg_types`, and the `Run`.
     """
-    from .arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_stage_args
     from transformers import set_seed
 
+    from .arguments import DataArguments, FinetuningArguments, ModelArguments, RunArguments, parse_stage_args
     from .loader import check_model_args
 
     args, zero = parse_stage_args(arg_types, argv, stage)
