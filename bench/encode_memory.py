@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import REAL_RECORDS, ROOT  # noqa: E402
 BEFORE_MAX_BATCH_TOKENS = 4096  # padded tokens per forward of the full-logits side
 SIDES = ("before", "after")
 

@@ -1,30 +1,34 @@
 """PRAG encoding throughput: batched per-passage LoRA training against sequential peft loops; bank loading.
 
-    python bench/encode_throughput.py [--work_dir /tmp/encode_bench] [--preset bench] [--passages 32] ...
+    python bench/encode_throughput.py [--preset smollm2|bench] [--passages 8] [--repeats 3] ...
 
 Encoding. Every side trains the same passages' LoRAs (r=2, alpha=32 on gate/up/down of every
 layer) from the same saved initialisation with the same recipe (dyprag.passage_training: the PRAG texts
-of each passage, AdamW lr 3e-4, one text per step, one epoch) on the same model (`python -m
-stages.world --preset bench`, ~20M parameters, built once into --work_dir). Texts: the real
+of each passage, AdamW lr 3e-4, one text per step, one epoch) on the same model (the real pretrained
+SmolLM2-135M-Instruct by default, `--preset bench` the ~20M random bench model). Texts: the real
 PRAG records in ../shared/data/prag_augmented when present (their passages, rewrites and QA),
 else (or with --source demo) the embedded demo_qa gold passages with their questions as QA
 pairs and the sentences in reverse order as the rewrite.
 - original: the original PRAG loop (src/encode.py): per passage `PeftModel.from_pretrained`
   of the shared init, torch AdamW, batch 1, every text padded to 3000 tokens, fp32,
-  `save_pretrained`, `unload`. Slow, so timed on the first `--original_passages` passages.
+  `save_pretrained`, `unload`. Slow, so timed on the first `--original_passages` passages (at
+  least 4).
 - peft fp32 / peft bf16: the same loop without the padding (each text at its own length),
   the base in fp32 or bf16: the strongest sequential baseline. Timed on all passages.
 - batched fp32 / batched bf16: dyprag.passage_training.encode_batch, `--passages_per_batch` passages
   per batched forward/backward, written to a LoRA bank (the write is timed too).
-Warm-up, untimed: the batched sides run the whole set once on a GPU (each batch shape selects
-its kernels once) and four passages on a CPU (no per-shape kernel choice there: code paths and
-allocator only), the peft sides one passage; then the set is timed end to end. "passages/s"
+Warm-up, untimed, once before the repeats: the batched sides run the whole set on a GPU (each
+batch shape selects its kernels once) and four passages on a CPU (no per-shape kernel choice
+there: code paths and allocator only), the peft sides one passage. Then every side encodes its
+set end to end, the sides in alternating order, `--repeats` times; figures are medians with the
+range of the repeats, and a ratio pairs two sides' runs of the same repeat. "passages/s"
 = passages / wall seconds; "tokens/s" counts the real (unpadded) tokens trained on. The
 GFLOP/s column is the model FLOPs each side does per second on real tokens (4 x the linear
-layers' parameters per token: forward and input gradients of the frozen layers), and "% peak"
-sets it against this CPU's best matrix product in the side's dtype (bench/sft_throughput.py's
-`matmul_peak`): where the sequential loop already runs near that peak, no batching can beat it
-by much, since both sides do the same products. The check column is the largest
+layers' parameters per token: forward and input gradients of the frozen layers), and "MFU%"
+sets it against this machine's best matrix product in the side's dtype (bench/measure.py's
+`matmul_peak`, measured before and after the runs, the better of the two): where the sequential
+loop already runs near that peak, no batching can beat it by much, since both sides do the same
+products. The check column is the largest
 |difference| of the side's LoRA weights to the peft fp32 side's: float rounding for the fp32
 sides (the original's padding, mathematically a no-op, moves the weights by as much as
 batching does: Adam's normalisation magnifies rounding where a gradient is near zero), bf16
@@ -48,7 +52,7 @@ import copy
 import json
 import random
 import shutil
-import subprocess
+import statistics
 import sys
 import time
 from functools import partial
@@ -56,23 +60,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, alternate, linear_params,  # noqa: E402
+                           machine_line, matmul_peak, native_cpu_bf16, spread, sync, world)
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
 from dyprag.passage_training import (EncodeConfig, default_max_batch_tokens, encode_batch, init_lora,  # noqa: E402
                                      passage_texts, plan_batches)
 from dyprag.lora import LoraSpec, module_shapes, save_peft_adapter, target_module_names  # noqa: E402
-from bench.sft_throughput import linear_params, matmul_peak  # noqa: E402
 
 SPEC = LoraSpec()
-
-
-def build_model(work_dir: Path, preset: str) -> Path:
-    subprocess.run([sys.executable, "-m", "stages.world", "--output_dir", str(work_dir), "--preset", preset],
-                   check=True, cwd=ROOT, capture_output=True)
-    return work_dir
 
 
 def load_texts(tokenizer, data_dir: Path, count: int, cutoff: int, source: str) -> tuple[list[list[list[int]]], str]:
@@ -146,20 +143,10 @@ def max_difference(states, reference) -> float:
     return worst
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (Linux /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def timed(fn):
     start = time.perf_counter()
     result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start, result
 
 
@@ -178,10 +165,11 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
     tokens = [sum(len(t) - 1 for t in passage) for passage in texts]
     # Model FLOPs per trained token: the frozen linear layers' forward (2N) and their input
     # gradients (2N; frozen weights get none). LoRA's own products and attention scores are left out.
-    flops_per_token = 4 * linear_params(model_dir)
-    print(f"model {model_dir} ({sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters), "
+    flops_per_token = 4 * linear_params(fp32)
+    print(f"model {model_dir.resolve()} ({sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters), "
           f"{len(texts)} passages from {source}, {sum(map(len, texts))} texts, {sum(tokens)} tokens, "
-          f"device {args.device}, threads {torch.get_num_threads()}", flush=True)
+          f"device {args.device}, threads {torch.get_num_threads()}, {config.max_batch_tokens} tokens per batched "
+          f"forward", flush=True)
 
     sides = {  # peft fp32 first: it is the reference of the check column
         "peft fp32": lambda t, out: sequential_peft(fp32, init_dir, t, config, pad_id, out),
@@ -191,24 +179,34 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
         "batched fp32": lambda t, out: batched(fp32, init, t, config, pad_id, args.passages_per_batch, out),
         "batched bf16": lambda t, out: batched(bf16, init, t, config, pad_id, args.passages_per_batch, out),
     }
-    rows, reference = [], None
+    sides = {name: run for name, run in sides.items()
+             if name not in args.skip and not (name.endswith("bf16") and "bf16" not in args.dtypes)}
+    counts = {name: args.original_passages if name.startswith("original") else len(texts) for name in sides}
     for name, run in sides.items():
-        if name in args.skip or name.split()[-1] == "bf16" and "bf16" not in args.dtypes:
-            continue
-        original = name.startswith("original")
-        count = args.original_passages if original else len(texts)
         if name.startswith("batched"):  # GPU: every batch shape once (kernel selection); CPU: code paths
             run(texts if args.device != "cpu" else texts[:4], work / "warmup")
-        elif not original:  # the original's 3000-token steps run on the code path peft fp32 warmed up
+        elif not name.startswith("original"):  # the original's 3000-token steps run on peft fp32's code path
             run(texts[:1], work / "warmup")
-        seconds, states = timed(partial(run, texts[:count], work / name.split()[0]))
-        if name == "peft fp32":
-            reference = states
-        rows.append({"side": name, "passages": count, "seconds": seconds, "passages_per_s": count / seconds,
-                     "tokens_per_s": sum(tokens[:count]) / seconds,
-                     "model_flops_per_s": flops_per_token * sum(tokens[:count]) / seconds,
-                     "max_diff_to_peft_fp32": max_difference(states, reference[:count]) if reference else None})
-        print(f"  {name}: {count} passages in {seconds:.1f} s", flush=True)
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    reference, checks = None, {}
+    for repeat in range(args.repeats):
+        for name in alternate(list(sides), repeat):
+            took, states = timed(partial(sides[name], texts[: counts[name]], work / name.split()[0]))
+            seconds[name].append(took)
+            if repeat == 0 and name == "peft fp32":
+                reference = states
+            if repeat == 0:
+                checks[name] = states
+            print(f"  repeat {repeat + 1}: {name}: {counts[name]} passages in {took:.1f} s", flush=True)
+    rows = []
+    for name in sides:
+        count, times = counts[name], seconds[name]
+        diff = max_difference(checks[name], reference[:count]) if reference is not None else None
+        rows.append({"side": name, "passages": count, "seconds": times,
+                     "passages_per_s": [count / t for t in times],
+                     "tokens_per_s": [sum(tokens[:count]) / t for t in times],
+                     "model_flops_per_s": [flops_per_token * sum(tokens[:count]) / t for t in times],
+                     "max_diff_to_peft_fp32": diff})
     return rows
 
 
@@ -253,26 +251,27 @@ def bench_loading(args, model_dir: Path, work: Path) -> list[dict]:
     }
     rows = []
     for name, fn in cases.items():
-        times = [timed(fn)[0] for _ in range(args.load_repeats)]
-        rows.append({"case": name, "seconds": sorted(times)[len(times) // 2]})
+        rows.append({"case": name, "seconds": [timed(fn)[0] for _ in range(args.load_repeats)]})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="smollm2", choices=PRESETS, help=PRESET_HELP)
     parser.add_argument("--work_dir", default="/tmp/encode_bench", help="model build and scratch folder")
-    parser.add_argument("--preset", default="bench", choices=["tiny", "bench"], help="stages.world preset")
-    parser.add_argument("--passages", type=int, default=32, help="passages encoded by each side")
+    parser.add_argument("--passages", type=int, default=8, help="passages encoded by each side")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="texts: the real PRAG records (auto: when present) or the embedded demo_qa; the bench "
                              "tokenizer, trained on the demo world, cuts real text into ~3x more tokens")
-    parser.add_argument("--original_passages", type=int, default=1, help="passages for the (slow) original loop")
+    parser.add_argument("--original_passages", type=int, default=4, help="passages for the (slow) original loop")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, in alternating order")
     parser.add_argument("--passages_per_batch", type=int, default=32, help="batched: passages per forward/backward")
     parser.add_argument("--max_batch_tokens", type=int, default=None,
-                        help="batched: padded tokens per forward (default: the stage's, 16384 on cuda, 4096 on cpu)")
+                        help="batched: padded tokens per forward (default: the stage's, 16384 on cuda, 512 on cpu)")
     parser.add_argument("--cutoff_len", type=int, default=3000, help="tokens kept per training text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="where the encoding sides run (cpu, cuda); loading is on cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the encoding sides run (cpu, cuda); loading is on cpu")
     parser.add_argument("--skip", nargs="*", default=[], help="sides to leave out, by name")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated: fp32, bf16 (default: both on a GPU or a CPU with native bf16 "
@@ -280,46 +279,51 @@ def main() -> None:
                              "says nothing about the method)")
     parser.add_argument("--bank_size", type=int, default=256, help="LoRAs in the bank of the loading bench")
     parser.add_argument("--load_count", type=int, default=64, help="LoRAs loaded per batch")
-    parser.add_argument("--load_repeats", type=int, default=3, help="loading: median over this many runs")
+    parser.add_argument("--load_repeats", type=int, default=3, help="loading: runs per case")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.original_passages < 4 or args.passages < args.original_passages or args.repeats < 1:
+        parser.error("--original_passages must be >= 4 and <= --passages, --repeats >= 1")
     if args.dtypes is None:
         args.dtypes = "fp32,bf16" if args.device != "cpu" or native_cpu_bf16() else "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
-    model_dir = build_model(work / args.preset, args.preset) / "model"
+    model_dir = world(work, args.preset) / "model"
+    header = machine_line(args.threads)
 
-    # Each side against the best matrix product of its own dtype on this CPU (none on an accelerator),
-    # measured before and after the encoding: on a shared host one measurement can read half the peak.
+    # Each side against the best matrix product of its own dtype on this machine, measured before and
+    # after the encoding: on a shared host one measurement can read half the peak.
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {name: matmul_peak(dtypes[name]) for name in args.dtypes.split(",")} if args.device == "cpu" else {}
+    peaks = {name: matmul_peak(dtypes[name], args.device) for name in args.dtypes.split(",")}
     encoding = bench_encoding(args, model_dir, work)
-    peaks = {name: max(peak, matmul_peak(dtypes[name])) for name, peak in peaks.items()}
-    print(f"\n{'encoding side':34} {'passages':>8} {'seconds':>8} {'passages/s':>10} {'tokens/s':>9} "
-          f"{'GFLOP/s':>8} {'% peak':>6} {'max|dW| vs peft':>15}")
+    peaks = {name: max(peak, matmul_peak(dtypes[name], args.device)) for name, peak in peaks.items()}
+    print(f"\n{header}\n{args.repeats} repeats; matmul peak "
+          f"{', '.join(f'{d} {p / 1e9:.0f}' for d, p in peaks.items())} GFLOP/s; medians (min-max)")
+    print(f"{'encoding side':34} {'passages':>8} {'passages/s':>22} {'tokens/s':>8} {'GFLOP/s':>8} {'MFU%':>20} "
+          f"{'max|dW| vs peft':>15}")
     for row in encoding:
         diff = "-" if row["max_diff_to_peft_fp32"] is None else f"{row['max_diff_to_peft_fp32']:.1e}"
-        peak = peaks.get("bf16" if row["side"].endswith("bf16") else "fp32")
-        share = f"{100 * row['model_flops_per_s'] / peak:6.1f}" if peak else f"{'-':>6}"
-        print(f"{row['side']:34} {row['passages']:8d} {row['seconds']:8.1f} {row['passages_per_s']:10.3f} "
-              f"{row['tokens_per_s']:9.0f} {row['model_flops_per_s'] / 1e9:8.1f} {share} {diff:>15}")
-    if peaks:
-        print("  % peak: model FLOP/s (4 x linear parameters x tokens/s) over this CPU's matmul peak in the side's "
-              f"dtype, {', '.join(f'{d} {p / 1e9:.0f}' for d, p in peaks.items())} GFLOP/s (bench/sft_throughput.py)")
+        peak = peaks["bf16" if row["side"].endswith("bf16") else "fp32"]
+        share = spread([100 * f / peak for f in row["model_flops_per_s"]], 1)
+        print(f"{row['side']:34} {row['passages']:8d} {spread(row['passages_per_s'], 3):>22} "
+              f"{statistics.median(row['tokens_per_s']):8.0f} {statistics.median(row['model_flops_per_s']) / 1e9:8.1f} "
+              f"{share:>20} {diff:>15}")
+    print("  MFU: model FLOP/s (4 x linear parameters x tokens/s) over the matmul peak of the side's dtype")
     rate = {row["side"]: row["passages_per_s"] for row in encoding}
     for ours in ("batched fp32", "batched bf16"):
         for theirs in ("peft fp32", "peft bf16", "original (peft, fp32, pad 3000)"):
             if ours in rate and theirs in rate:
-                print(f"  {ours} / {theirs}: {rate[ours] / rate[theirs]:.1f}x")
+                print(f"  {ours} / {theirs}: {spread([a / b for a, b in zip(rate[ours], rate[theirs])], 1)}x")
 
     loading = bench_loading(args, model_dir, work)
-    print(f"\n{'loading LoRAs for one batch':58} {'seconds':>8}")
+    print(f"\n{'loading LoRAs for one batch':58} {'seconds, median (min-max)':>28}")
     for row in loading:
-        print(f"{row['case']:58} {row['seconds']:8.4f}")
+        print(f"{row['case']:58} {spread(row['seconds'], 4):>28}")
     for peft_row in loading[:2]:
         for bank_row in loading[2:]:
-            print(f"  [{peft_row['case']}] / [{bank_row['case']}]: {peft_row['seconds'] / bank_row['seconds']:.0f}x")
+            ratio = statistics.median(peft_row["seconds"]) / statistics.median(bank_row["seconds"])
+            print(f"  [{peft_row['case']}] / [{bank_row['case']}]: {ratio:.0f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"encoding": encoding, "loading": loading,
                                                "threads": torch.get_num_threads()}, indent=2))
