@@ -1,12 +1,13 @@
 """Online cost per question: DyPRAG against PRAG with encoding at question time and standard RAG.
 
-    python bench/online_cost.py [--work_dir /tmp/online_bench] [--source auto|real|demo] [--questions 16] ...
+    python bench/online_cost.py [--preset smollm2|bench] [--source auto|real|demo] [--questions 16] ...
 
 Every method answers the same questions one at a time (batch 1, as a question arrives), greedy, exactly
 --new_tokens new tokens each (`min_new_tokens` = `max_new_tokens` on the model's generation config, so
 an early end-of-sequence cannot make one method look cheaper), with the top --top_k passages of each
-question, on the same ~20M-parameter model (`python -m stages.world --preset bench`), through our
-real code paths: `dyprag.inference.answer_questions` with the `stages.prag_eval` providers.
+question, on the same model (the real pretrained SmolLM2-135M-Instruct by default, `--preset bench`
+the ~20M random bench model), in the same precision (`--bf16`), through our real code paths:
+`dyprag.inference.answer_questions` with the `stages.prag_eval` providers.
 
 - RAG: the passages in the prompt, no LoRA (method `rag`).
 - DyPRAG: the projector reads the passages and writes their LoRAs (`ProjectorLoras`: one batched
@@ -15,7 +16,8 @@ real code paths: `dyprag.inference.answer_questions` with the `stages.prag_eval`
   projector is freshly initialised (seeded) and loaded the way prag_eval loads a trained one
   (`save_projector`, then `dyprag.projector_model.load_projector_loras`): its cost depends on its shapes, not
   on its weights, and the answer length is fixed.
-- PRAG at question time: the k passages' LoRAs trained now with our batched encoder
+- PRAG at question time (`--methods ...,prag`; not run by default: on the real model it trains
+  15 texts per question and takes most of the run): the k passages' LoRAs trained now with our batched encoder
   (`dyprag.passage_training.passage_texts` + `encode_batch`, the PRAG recipe: AdamW lr 3e-4, one text per step,
   one epoch, k passages per batched step), written to a bank (`LoraBankWriter`), read back by
   prag_eval's `BankLoras` (summed) and injected while the model answers the question alone (method
@@ -31,7 +33,15 @@ distractors) with each passage's demo_qa questions as QA pairs and its sentences
 Timing: per method, the wall time of answering all questions (the LoRA work included), divided by
 the number of questions; the part spent turning passages into LoRAs is timed on its own (the provider
 call inside `answer_questions`, plus the encoding for PRAG). Every method answers one question untimed
-first; the methods run in alternating order, `--repeats` times; figures are medians over the repeats.
+first; the methods run in alternating order, `--repeats` times; figures are medians with the range
+of the repeats, and a ratio pairs two methods' runs of the same repeat.
+
+MFU: nominal model FLOPs per question, 2N per token the model reads or writes (the prompt, the
+--new_tokens answer tokens and, for DyPRAG, the passages its projector reads), N = the linear
+layers' parameters, over s/question and the matmul peak of the run's dtype measured in this run.
+Answering at batch 1 is bound by memory bandwidth and per-step overhead, not by the matmul peak:
+the column says how far from the compute limit a question is. PRAG's is left out (its training
+steps are another kind of work).
 """
 
 from __future__ import annotations
@@ -50,10 +60,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode_throughput import REAL_RECORDS, build_model, native_cpu_bf16  # noqa: E402
+from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, alternate, linear_params,  # noqa: E402
+                           machine_line, matmul_peak, native_cpu_bf16, spread, sync, world)
 
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
 from dyprag.passage_training import EncodeConfig, encode_batch, init_lora, passage_texts  # noqa: E402
@@ -105,14 +115,9 @@ class Timed:
     def __call__(self, records):
         start = time.perf_counter()
         weights = self.provider(records)
-        _sync()
+        sync()
         self.seconds += time.perf_counter() - start
         return weights
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 @dataclass
@@ -153,12 +158,12 @@ class Context:
             provider = Timed(self.dyprag)
         answer_questions(self.model, self.tokenizer, [record], METHODS[method], lora=provider, top_k=self.args.top_k,
                          batch_size=1, max_new_tokens=self.args.new_tokens)
-        _sync()
+        sync()
         return encoding + (provider.seconds if provider else 0.0), time.perf_counter() - start
 
 
 def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str, Any]], str]:
-    model_dir = build_model(args.work_dir / "bench", "bench") / "model"
+    model_dir = world(args.work_dir, args.preset) / "model"
     records, source = load_questions(args, model_dir)
     model_args = ModelArguments(model_name_or_path=str(model_dir))
     tokenizer = load_tokenizer(model_args)
@@ -179,19 +184,20 @@ def build(args: argparse.Namespace, bf16: bool) -> tuple[Context, list[dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smollm2", choices=PRESETS, help=PRESET_HELP)
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/online_bench"),
-                        help="bench model (built on first use), the projector, scratch banks")
+                        help="model (built on first use), the projector, scratch banks")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="questions from the real PRAG records (auto: when present) or the embedded demo_qa")
     parser.add_argument("--questions", type=int, default=16, help="questions answered per method and repeat")
     parser.add_argument("--top_k", type=int, default=3, help="passages per question")
     parser.add_argument("--new_tokens", type=int, default=20, help="tokens generated per answer (prag_eval's "
                                                                    "direct-answer default)")
-    parser.add_argument("--methods", default="rag,dyprag,prag,vanilla", help="comma-separated, from " +
+    parser.add_argument("--methods", default="rag,dyprag,vanilla", help="comma-separated, from " +
                         ", ".join(SIDES))
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the questions per method (medians)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the questions per method, alternating")
     parser.add_argument("--max_batch_tokens", type=int, default=16384, help="PRAG encoding: padded tokens per "
-                                                                            "forward (the stage's default)")
+                                                                            "forward")
     parser.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
                         help="frozen model in bf16 (auto: on a GPU or a CPU with native bf16)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -208,42 +214,50 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     logging.disable(logging.INFO)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, header = time.perf_counter(), machine_line(args.threads)
     bf16 = args.bf16 == "true" or (args.bf16 == "auto" and (torch.cuda.is_available() or native_cpu_bf16()))
     context, records, source = build(args, bf16)
+    peak = matmul_peak(context.dtype, context.device.type)
     prompt = {m: statistics.mean(len(get_prompt(context.tokenizer, r["question"],
                                                 r["passages"] if METHODS[m].in_context else None))
                                  for r in records) for m in methods}
-    print(f"model {context.model_dir} ({sum(p.numel() for p in context.model.parameters()) / 1e6:.1f}M parameters, "
-          f"{'bf16' if bf16 else 'fp32'}), {len(records)} questions x top-{args.top_k} passages from {source}; "
-          f"{args.new_tokens} new tokens per answer, batch 1, device {context.device}, threads "
-          f"{torch.get_num_threads()}", flush=True)
+    passage_tokens = statistics.mean(sum(len(context.tokenizer(p, add_special_tokens=False)["input_ids"])
+                                         for p in r["passages"]) for r in records)
+    n = linear_params(context.model)
+    flops = {m: 2 * n * (prompt[m] + args.new_tokens + (passage_tokens if m == "dyprag" else 0)) for m in methods}
+    print(f"model {context.model_dir.resolve()} ({sum(p.numel() for p in context.model.parameters()) / 1e6:.1f}M "
+          f"parameters, {'bf16' if bf16 else 'fp32'}), {len(records)} questions x top-{args.top_k} passages from "
+          f"{source}; {args.new_tokens} new tokens per answer, batch 1, device {context.device}", flush=True)
 
     for method in methods:  # warm-up: code paths, allocator, the bank writer's folder
         context.answer(records[0], method)
     per_question: dict[str, list[float]] = {m: [] for m in methods}
     lora_part: dict[str, list[float]] = {m: [] for m in methods}
-    load_before = os.getloadavg()[0]
     for repeat in range(args.repeats):
-        for method in methods if repeat % 2 == 0 else methods[::-1]:
+        for method in alternate(methods, repeat):
             timings = [context.answer(record, method) for record in records]
             per_question[method].append(sum(total for _, total in timings) / len(records))
             lora_part[method].append(sum(lora for lora, _ in timings) / len(records))
             print(f"  repeat {repeat + 1}: {method:8s} {per_question[method][-1]:.4f} s/question", flush=True)
+    peak = max(peak, matmul_peak(context.dtype, context.device.type))
 
     median = {m: statistics.median(v) for m, v in per_question.items()}
     lora = {m: statistics.median(v) for m, v in lora_part.items()}
-    print(f"\n1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (on {os.cpu_count()} CPUs)")
-    header = (f"{'method':46s} {'s/question':>10s} {'min-max':>15s} {'LoRA s':>7s} {'answer s':>8s} "
-              f"{'prompt tok':>10s}")
-    print(header + "\n" + "-" * len(header))
+    print(f"\n{header}\n{args.repeats} repeats; matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"({'bf16' if bf16 else 'fp32'}); medians (min-max)")
+    table = (f"{'method':46s} {'s/question (min-max)':>24s} {'LoRA s':>7s} {'answer s':>8s} {'prompt tok':>10s} "
+             f"{'MFU%':>5s}")
+    print(table + "\n" + "-" * len(table))
     for method in methods:
-        values = per_question[method]
-        print(f"{SIDES[method]:46s} {median[method]:10.4f} {min(values):7.4f}-{max(values):<7.4f} "
-              f"{lora[method]:7.4f} {median[method] - lora[method]:8.4f} {prompt[method]:10.0f}")
-    print(f"ratios: DyPRAG / RAG {median['dyprag'] / median['rag']:.2f}x" +
-          (f", PRAG / RAG {median['prag'] / median['rag']:.1f}x, PRAG / DyPRAG {median['prag'] / median['dyprag']:.1f}x"
-           if "prag" in median else ""))
+        mfu = "-" if method == "prag" else f"{100 * flops[method] / median[method] / peak:5.1f}"
+        print(f"{SIDES[method]:46s} {spread(per_question[method], 4):>24s} {lora[method]:7.4f} "
+              f"{median[method] - lora[method]:8.4f} {prompt[method]:10.0f} {mfu:>5s}")
+
+    def ratio(a: str, b: str) -> str:  # per repeat, then median (min-max)
+        return spread([x / y for x, y in zip(per_question[a], per_question[b])])
+
+    print(f"ratios: DyPRAG / RAG {ratio('dyprag', 'rag')} (goal <= 1.1)" +
+          (f", PRAG / RAG {ratio('prag', 'rag')}, PRAG / DyPRAG {ratio('prag', 'dyprag')}" if "prag" in median else ""))
     added = median["dyprag"] - median["rag"]
     print(f"DyPRAG's added cost over RAG: {added:+.4f} s/question = {100 * added / median['rag']:+.1f}% of one RAG "
           f"answer ({median['rag']:.4f} s, {args.new_tokens} tokens); its projector alone: {lora['dyprag']:.4f} s "

@@ -1,41 +1,54 @@
 """DyPRAG projector training samples/s: our stages.projector loop against a re-implementation of the original loop.
 
-    python bench/projector_throughput.py [--work_dir /tmp/projector_bench] [--source auto|real|demo] ...
+    python bench/projector_throughput.py [--preset smollm2|bench] [--source auto|real|demo] [--repeats 3] ...
 
 Both sides train the same parameter projector (`dyprag.projector_model.Projector`, p=32, fresh from
-the same seed each run) for the same ~20M-parameter model (`python -m stages.world --preset bench`) on
-the same training pairs (passage, its PRAG LoRA, a QA text about it), with the same loss (LM + 0.01 KL +
-100 MSE) and optimizer (torch AdamW, lr 1e-5). Set-up, untimed and cached in --work_dir: the records
-(the real PRAG records in ../shared/data/prag_augmented when present, else or with --source demo the
-embedded demo_qa gold passages), their LoRA bank written by `python -m stages.encode` (our batched
-encoder), each passage's LoRA exported from the bank as a peft adapter folder (`LoraBank.export_peft`),
-and the pairs built by `stages.projector.build_pairs` (one per QA pair; the QA text has the passage in
-context, the original's training text, unless --qa_with_passage false).
+the same seed each run) for the same model (the real pretrained SmolLM2-135M-Instruct by default,
+`--preset bench` the ~20M random bench model) on the same training pairs (passage, its PRAG LoRA, a
+QA text about it), with the same objective (train_dyprag.py's: LM over every token of the text + 0.01
+KL summed over the text's tokens + 100 MSE, the student's LoRA injected unscaled), the same optimizer
+(torch AdamW, lr 1e-5) and the same precision (fp32; `--bf16 true`: the frozen model in bf16 on both
+sides). Set-up, untimed and cached in --work_dir: the records (the real PRAG records in
+../shared/data/prag_augmented when present, else or with --source demo the embedded demo_qa gold
+passages), their LoRA bank written by `python -m stages.encode`, each passage's LoRA exported from
+the bank as a peft adapter folder (`LoraBank.export_peft`), and the pairs built by
+`stages.projector.build_pairs` (one per QA pair; the QA text has the passage in context, the
+original's training text, unless --qa_with_passage false).
 
-- original: the loop of the original src/train_dyprag.py, re-implemented here step for step: a peft
-  model (`get_peft_model`, r=2, alpha=32 on gate/up/down), batch 1 in shuffled order, every QA text
-  padded to 3000 tokens with labels on all its real tokens, fp32. Per step: the passage through the
-  whole model (LM head included, `output_hidden_states`), the passage's adapter read from disk twice
-  (`safetensors.load_file` for the MSE target, `load_adapter` into the peft model for the teacher), the
-  teacher forward, the LoRA weights zeroed, the projector, delta = B @ A set as a `delta` attribute
-  on each peft layer (the original's forked LlamaMLP adds x @ delta^T; here a forward hook does the
-  same product, so no model file is forked), the student forward with labels, KL over all 3000
-  positions (`reduction="batchmean"`), MSE per A/B, backward, step, the attributes deleted, the four
-  loss values read with `.item()` (the original prints them). The projector is ours on both sides:
-  the original's per-(layer, module) modules called one by one would only slow its side down.
-  `--pad_to 0` leaves each text at its own length: what the loop costs without its padding.
-- ours: `stages.projector.run_projector` itself, in this process (a DeepSpeed ZeRO-0 engine, world of
-  one): --per_device_train_batch_size pairs per step, dynamic padding, bank LoRAs held in memory,
-  per-sample injection by wrapping, LM/KL on answer tokens only, `--bf16` where bf16 is native.
+Rows:
+- original: the loop of the original src/train_dyprag.py, re-implemented here step for step, without
+  its padding (each QA text at its own length): a peft model (`get_peft_model`, r=2, alpha=32 on
+  gate/up/down), batch 1 in shuffled order, labels on every token of the text. Per step: the passage
+  through the whole model (LM head included, `output_hidden_states`), the passage's adapter read from
+  disk twice (`safetensors.load_file` for the MSE target, `load_adapter` into the peft model for the
+  teacher), the teacher forward, the LoRA weights zeroed, the projector, delta = B @ A set as a
+  `delta` attribute on each peft layer (the original's forked LlamaMLP adds x @ delta^T; here a
+  forward hook does the same product, so no model file is forked), the student forward with labels,
+  KL (`reduction="batchmean"`: the sum over the positions at batch 1), MSE per A/B, backward, step,
+  the attributes deleted, the four loss values read with `.item()` (the original prints them). The
+  projector is ours on both sides: the original's per-(layer, module) modules called one by one
+  would only slow its side down. The baseline of the headline ratio.
+- original, padded to 3000: the same with every text padded to `--pad_to` tokens, as the original
+  does (its KL then also sums over the pads). Timed on `--padded_steps` samples.
+- ours: `stages.projector.run_projector` itself with `--objective original`, in this process (a
+  DeepSpeed ZeRO-0 engine, world of one): --batch_size pairs per step, dynamic padding, bank LoRAs
+  held in memory, per-sample injection by wrapping.
+- ours, answer objective: the same with the stage's default `--objective answer` (LM and KL over
+  the answer tokens); a different objective, so an extra row, not the headline.
 
 How it measures, and why this is fair: each run starts from a fresh projector and optimizer and
-trains `--warmup` untimed steps, then `--steps` timed ones; samples/s = pairs trained in the timed
-steps / their wall time. Ours is stamped at the end of each optimizer step through the stage's own
-per-step log call (`stages.core.callbacks.log_step`, wrapped here; --logging_steps 1, --save_strategy no,
-so no checkpoint is written inside the window), so model loading and engine set-up stay outside on
-both sides alike, as do the original's data preparation and model load. The two sides run in
-alternating order, `--repeats` times, in one process with the same torch thread count; the ratio is
-taken per repeat (ours over the original run next to it) and the median is reported.
+trains untimed warm-up steps, then timed ones; samples/s = pairs trained in the timed steps / their
+wall time. Ours is stamped at the end of each optimizer step through the stage's own per-step log
+call (`stages.core.callbacks.log_step`, wrapped here; --logging_steps 1, --save_strategy no, so no
+checkpoint is written inside the window), so model loading and engine set-up stay outside on both
+sides alike, as do the original's data preparation and model load. The rows run in alternating
+order, `--repeats` times, in one process with the same torch thread count; a ratio pairs a run with
+the original run of the same repeat; figures are medians with the range of the repeats.
+
+MFU: nominal model FLOPs per pair, 2N x passage tokens (the passage read) + 2N x text tokens (the
+teacher) + 4N x text tokens (the student's forward and input gradients), N = the linear layers'
+parameters, the mean over the pairs; the same for every row. It is set against the matmul peak of
+the run's dtype, measured in this run.
 """
 
 from __future__ import annotations
@@ -59,11 +72,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encode_throughput import REAL_RECORDS, build_model, native_cpu_bf16  # noqa: E402
-
+from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, ROOT, alternate, linear_params,  # noqa: E402
+                           machine_line, matmul_peak, spread, sync, world)
 from dyprag.bank import LoraBank  # noqa: E402
 from dyprag.lora import LoraSpec, target_module_names  # noqa: E402
 from dyprag.projector_model import Projector, ProjectorConfig  # noqa: E402
@@ -105,9 +117,10 @@ def prepare(args: argparse.Namespace) -> Setup:
     from stages.core.dyprag_arguments import ProjectorArguments
     from stages.projector import build_pairs
 
-    model_dir = build_model(args.work_dir / "bench", "bench") / "model"
+    model_dir = world(args.work_dir, args.preset) / "model"
     records, source = pick_records(args, model_dir)
-    data = args.work_dir / f"{'real' if 'augment' in records[0] else 'demo'}-{len(records)}r-{args.encode_epochs}e"
+    kind = "real" if "augment" in records[0] else "demo"
+    data = args.work_dir / f"{args.preset}-{kind}-{len(records)}r-{args.encode_epochs}e"
     records_file, bank_dir, adapters = data / "records.json", data / "bank", data / "adapters"
     if not (bank_dir / "index.json").is_file() or not adapters.is_dir():
         shutil.rmtree(data, ignore_errors=True)
@@ -116,7 +129,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         print(f"encoding the bank: {records_file} -> {bank_dir}", flush=True)
         subprocess.run([sys.executable, "-m", "stages.encode", "--model_name_or_path", str(model_dir),
                         "--input_file", str(records_file), "--output_dir", str(bank_dir), "--num_train_epochs",
-                        str(args.encode_epochs), "--max_batch_tokens", "4096", "--report_to", "none"],
+                        str(args.encode_epochs), "--report_to", "none"],
                        check=True, cwd=ROOT, capture_output=True)
         bank = LoraBank(bank_dir)
         for pid in bank.passage_ids:  # what the original reads: data_<test_id>/passage_<pid> adapter folders
@@ -134,13 +147,14 @@ def prepare(args: argparse.Namespace) -> Setup:
 # --- the original loop ------------------------------------------------------------------------
 
 class OriginalLoop:
-    """train_dyprag.py's per-step work (see the module docstring), on a peft-wrapped fp32 model."""
+    """train_dyprag.py's per-step work (see the module docstring), on a peft-wrapped model."""
 
     def __init__(self, setup: Setup, args: argparse.Namespace, device: torch.device, pad_id: int) -> None:
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32).to(device)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=dtype).to(device)
         self.config = ProjectorConfig.for_model(base, SPEC, projector_p=args.projector_p)
         self.model = get_peft_model(base, LoraConfig(
             task_type=TaskType.CAUSAL_LM, target_modules=list(SPEC.target_modules), inference_mode=False,
@@ -151,10 +165,10 @@ class OriginalLoop:
             layer.register_forward_hook(_add_delta)
         self.setup, self.args, self.device, self.pad_id = setup, args, device, pad_id
 
-    def sample(self, pair) -> dict[str, Any]:
-        """The original's prepared sample: text and labels padded to --pad_to (0: unpadded) as Python lists."""
-        text = pair.text[: self.args.pad_to] if self.args.pad_to else pair.text
-        pad = self.args.pad_to - len(text) if self.args.pad_to else 0
+    def sample(self, pair, pad_to: int) -> dict[str, Any]:
+        """The original's prepared sample: text and labels padded to pad_to (0: unpadded) as Python lists."""
+        text = pair.text[:pad_to] if pad_to else pair.text
+        pad = pad_to - len(text) if pad_to else 0
         return {"folder": self.setup.adapters / pair.passage_id, "passage": [pair.passage],
                 "input_ids": text + [self.pad_id] * pad, "labels": text + [-100] * pad,
                 "attention_mask": [1] * len(text) + [0] * pad}
@@ -181,9 +195,10 @@ class OriginalLoop:
         for name, (lora_a, lora_b) in generated.items():
             outputs[f"base_model.model.{name}.lora_A.weight"] = lora_a[0]
             outputs[f"base_model.model.{name}.lora_B.weight"] = lora_b[0]
-            self.layers[name].delta = (lora_b[0] @ lora_a[0]).float()  # the original's delta_inject (no alpha/r)
+            # the original's delta_inject (no alpha/r), in the model's dtype
+            self.layers[name].delta = (lora_b[0] @ lora_a[0]).to(hidden.dtype)
         student = self.model(**inputs)
-        kl = F.kl_div(F.log_softmax(student.logits, dim=-1), F.softmax(teacher.logits, dim=-1),
+        kl = F.kl_div(F.log_softmax(student.logits.float(), dim=-1), F.softmax(teacher.logits.float(), dim=-1),
                       reduction="batchmean") * self.args.kl_weight
         mse = sum(F.mse_loss(value.float(), real[key].float()) for key, value in outputs.items() if key in real)
         mse = mse * self.args.mse_weight
@@ -194,19 +209,19 @@ class OriginalLoop:
         for value in (mse, student.loss, kl, teacher.loss):  # the original prints the four losses every step
             value.item()
 
-    def run(self, order: list[int], seed: int) -> float:
-        """Train warmup + steps samples from a fresh projector; seconds of the timed steps."""
-        samples = [self.sample(self.setup.pairs[i]) for i in order]
-        torch.manual_seed(seed)
+    def run(self, order: list[int], warmup: int, pad_to: int) -> float:
+        """Train the pairs of `order` from a fresh projector, the first `warmup` untimed; seconds of the rest."""
+        samples = [self.sample(self.setup.pairs[i], pad_to) for i in order]
+        torch.manual_seed(self.args.seed)
         projector = Projector(self.config).to(self.device).train()
         optimizer = torch.optim.AdamW(projector.parameters(), lr=self.args.learning_rate)
-        for sample in samples[: self.args.original_warmup]:
+        for sample in samples[:warmup]:
             self.step(sample, projector, optimizer)
+        sync(self.device)
         start = time.perf_counter()
-        for sample in samples[self.args.original_warmup:]:
+        for sample in samples[warmup:]:
             self.step(sample, projector, optimizer)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(self.device)
         return time.perf_counter() - start
 
 
@@ -218,7 +233,7 @@ def _add_delta(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> 
 
 # --- our stage --------------------------------------------------------------------------------
 
-def run_ours(setup: Setup, args: argparse.Namespace, bf16: bool) -> tuple[int, float]:
+def run_ours(setup: Setup, args: argparse.Namespace, objective: str) -> tuple[int, float]:
     """`stages.projector.run_projector` in process; (samples, seconds) of its timed optimizer steps."""
     import stages.core.callbacks as callbacks
     from stages.projector import run_projector
@@ -231,13 +246,13 @@ def run_ours(setup: Setup, args: argparse.Namespace, bf16: bool) -> tuple[int, f
             "--max_steps", str(args.warmup + args.steps), "--learning_rate", str(args.learning_rate),
             "--projector_p", str(args.projector_p), "--kl_weight", str(args.kl_weight),
             "--mse_weight", str(args.mse_weight), "--logging_steps", "1", "--save_strategy", "no",
-            "--report_to", "none", "--seed", str(args.seed), *(["--bf16", "true"] if bf16 else [])]
+            "--report_to", "none", "--seed", str(args.seed), "--objective", objective,
+            *(["--bf16", "true"] if args.bf16 else [])]
     stamps: list[float] = []
     log_step = callbacks.log_step
 
     def stamped(*a, **kw) -> None:  # run_projector imports log_step at call time: it gets this one
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         stamps.append(time.perf_counter())
         log_step(*a, **kw)
 
@@ -257,37 +272,46 @@ def run_ours(setup: Setup, args: argparse.Namespace, bf16: bool) -> tuple[int, f
     return sum(sizes[args.warmup:]), stamps[-1] - stamps[args.warmup - 1]
 
 
+ROWS = {"original": "original (batch 1, unpadded, peft x2)", "padded": "original, padded to {pad_to}",
+        "ours": "ours (--objective original, batch {batch})", "answer": "ours, answer objective (batch {batch})"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smollm2", choices=PRESETS, help=PRESET_HELP)
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/projector_bench"),
-                        help="bench model, records, bank and adapter folders (built on first use), scratch runs")
+                        help="model, records, bank and adapter folders (built on first use), scratch runs")
     parser.add_argument("--source", default="auto", choices=["auto", "real", "demo"],
                         help="pairs from the real PRAG records (auto: when present) or the embedded demo_qa")
-    parser.add_argument("--passages", type=int, default=24, help="passages in the bank (real: rounded up to 3 per "
+    parser.add_argument("--passages", type=int, default=12, help="passages in the bank (real: rounded up to 3 per "
                                                                   "record, 3 QA pairs each; demo: one pair each)")
-    parser.add_argument("--encode_epochs", type=int, default=2, help="stages.encode epochs for the bank")
+    parser.add_argument("--encode_epochs", type=int, default=1, help="stages.encode epochs for the bank")
     parser.add_argument("--qa_with_passage", type=lambda v: v.lower() == "true", default=True,
                         help="QA texts with the passage in context (the original's text; false: question only)")
+    parser.add_argument("--rows", default="original,padded,ours,answer", help="comma-separated, from " +
+                        ", ".join(ROWS) + " (original and ours are needed for the headline ratio)")
     parser.add_argument("--batch_size", type=int, default=8, help="ours: pairs per optimizer step")
-    parser.add_argument("--steps", type=int, default=6, help="ours: timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="ours: untimed optimizer steps first")
-    parser.add_argument("--original_steps", type=int, default=3, help="original: timed steps (1 pair each)")
+    parser.add_argument("--steps", type=int, default=2, help="ours: timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="ours: untimed optimizer steps first")
+    parser.add_argument("--original_steps", type=int, default=16, help="original: timed steps (1 pair each)")
     parser.add_argument("--original_warmup", type=int, default=1, help="original: untimed steps first")
-    parser.add_argument("--pad_to", type=int, default=3000,
-                        help="original: every QA text padded to this length (0: each at its own length, the "
-                             "original loop without its padding)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating (medians reported)")
+    parser.add_argument("--pad_to", type=int, default=3000, help="original, padded: every QA text padded to this")
+    parser.add_argument("--padded_steps", type=int, default=4, help="original, padded: timed steps")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row, alternating (medians reported)")
     parser.add_argument("--projector_p", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--kl_weight", type=float, default=0.01)
     parser.add_argument("--mse_weight", type=float, default=100.0)
-    parser.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
-                        help="ours: frozen model in bf16 (auto: on a GPU or a CPU with native bf16)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--bf16", type=lambda v: v.lower() == "true", default=False,
+                        help="true: the frozen model in bf16 on every row (default fp32)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every row")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
-    if min(args.warmup, args.steps, args.original_warmup, args.original_steps) < 1:
-        parser.error("warm-up and timed steps must be >= 1 on both sides")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not set(rows) <= set(ROWS) or not {"original", "ours"} <= set(rows):
+        parser.error(f"--rows: original and ours, plus any of {', '.join(ROWS)}")
+    if min(args.warmup, args.steps, args.original_warmup, args.original_steps, args.padded_steps, args.repeats) < 1:
+        parser.error("warm-up and timed steps and --repeats must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["TQDM_DISABLE"] = "1"  # the stage's step bar
     torch.set_num_threads(args.threads)
@@ -295,46 +319,53 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     logging.disable(logging.INFO)
-    started = time.perf_counter()
+    started, header = time.perf_counter(), machine_line(args.threads)
     setup = prepare(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.bf16 == "true" or (args.bf16 == "auto" and (device.type == "cuda" or native_cpu_bf16()))
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_peak(dtype, device.type)
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(setup.model_dir).pad_token_id
     original = OriginalLoop(setup, args, device, pad_id)
     lengths = [len(p.text) for p in setup.pairs]
-    print(f"model {setup.model_dir} ({sum(p.numel() for p in original.model.parameters()) / 1e6:.1f}M parameters), "
-          f"{len(setup.pairs)} pairs from {setup.source}; QA text {min(lengths)}-{max(lengths)} tokens (mean "
-          f"{statistics.mean(lengths):.0f}), passage in context: {args.qa_with_passage}; device {device}, threads "
-          f"{torch.get_num_threads()}, ours {'bf16' if bf16 else 'fp32'}", flush=True)
+    n = linear_params(original.model.get_base_model())
+    flops_per_pair = statistics.mean(2 * n * len(p.passage) + 6 * n * len(p.text) for p in setup.pairs)
 
     rng = random.Random(args.seed)
-    rates: dict[str, list[float]] = {"original": [], "ours": []}
-    load_before = os.getloadavg()[0]
+    rates: dict[str, list[float]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
-        for side in ("original", "ours") if repeat % 2 == 0 else ("ours", "original"):
-            if side == "original":  # the original's DataLoader(shuffle=True), batch 1
-                order = rng.sample(range(len(setup.pairs)), args.original_warmup + args.original_steps)
-                samples, seconds = args.original_steps, original.run(order, args.seed)
+        for row in alternate(rows, repeat):
+            if row in ("original", "padded"):  # the original's DataLoader(shuffle=True), batch 1
+                steps = args.original_steps if row == "original" else args.padded_steps
+                order = rng.sample(range(len(setup.pairs)), args.original_warmup + steps)
+                samples = steps
+                seconds = original.run(order, args.original_warmup, 0 if row == "original" else args.pad_to)
             else:
-                samples, seconds = run_ours(setup, args, bf16)
-            rates[side].append(samples / seconds)
-            print(f"  repeat {repeat + 1}: {side:8s} {samples:3d} samples in {seconds:6.1f} s: "
+                samples, seconds = run_ours(setup, args, "original" if row == "ours" else "answer")
+            rates[row].append(samples / seconds)
+            print(f"  repeat {repeat + 1}: {row:8s} {samples:3d} samples in {seconds:6.1f} s: "
                   f"{samples / seconds:7.3f} samples/s", flush=True)
             gc.collect()
+    peak = max(peak, matmul_peak(dtype, device.type))
 
-    ratios = [ours / theirs for ours, theirs in zip(rates["ours"], rates["original"])]
-    print(f"\n1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (on {os.cpu_count()} CPUs)")
-    header = f"{'side':44s} {'samples/s':>9s} {'min-max':>13s} {'s/sample':>8s}"
-    print(header + "\n" + "-" * len(header))
-    names = {"original": f"original (batch 1, pad {args.pad_to or 'none'}, fp32, peft x2)",
-             "ours": f"ours (stages.projector, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'})"}
-    for side, name in names.items():
-        median = statistics.median(rates[side])
-        print(f"{name:44s} {median:9.3f} {min(rates[side]):6.3f}-{max(rates[side]):<6.3f} {1 / median:8.2f}")
-    print(f"ratio ours / original: {statistics.median(ratios):.1f}x (per-repeat range "
-          f"{min(ratios):.1f}-{max(ratios):.1f}x; target >= 5x)")
+    print(f"\n{header}\nmodel {setup.model_dir.resolve()} ({n / 1e6:.1f}M linear params), {len(setup.pairs)} pairs "
+          f"from {setup.source}; QA text {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
+          f"passage in context: {args.qa_with_passage}; {'bf16' if args.bf16 else 'fp32'} on every row, device "
+          f"{device}; {args.repeats} repeats; matmul peak {peak / 1e9:.1f} GFLOP/s; nominal model FLOPs per pair "
+          f"{flops_per_pair / 1e9:.1f} G")
+    table = f"{'row':40s} {'samples/s (min-max)':>22s} {'s/sample':>8s} {'ratio (min-max)':>20s} {'MFU%':>5s}"
+    print(table + "\n" + "-" * len(table))
+    for row in rows:
+        median = statistics.median(rates[row])
+        ratio = "-" if row == "original" else spread([a / b for a, b in zip(rates[row], rates["original"])])
+        name = ROWS[row].format(pad_to=args.pad_to, batch=args.batch_size)
+        print(f"{name:40s} {spread(rates[row], 3):>22s} {1 / median:8.2f} {ratio:>20s} "
+              f"{100 * flops_per_pair * median / peak:5.1f}")
+    print("ratio: each row over the unpadded original run of the same repeat (goal: ours >= 2x)")
+    if "padded" in rows:
+        print(f"ours / original padded to {args.pad_to}: "
+              f"{spread([a / b for a, b in zip(rates['ours'], rates['padded'])], 1)}")
     print(f"(total {time.perf_counter() - started:.0f} s)")
 
 
