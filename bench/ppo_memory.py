@@ -1,36 +1,41 @@
-"""Peak memory of one PPO update: our ppo stage (LoRA, reference = adapter disabled) against TRL's default.
+"""Peak memory and speed of one PPO update: our ppo stage against TRL's PPO with peft (its LoRA path).
 
-    python bench/ppo_memory.py [--work_dir /tmp/ppo_bench] [--batch_size 8] [--response_length 32] ...
+    python bench/ppo_memory.py [--preset smollm2|bench] [--repeats 3] [--bf16 true] [--response_length 32] ...
 
 Both sides run one PPO update (generate, score, `--ppo_epochs` optimisation passes) on the same
-~20M-parameter model (`python -m stages.world --preset bench`), the same prompts (the first
-rows of the embedded demo_sft, tokenized by the project's template), the same reward model (an
-rm output with full tuning, one step of `python -m stages.rm`, so plain transformers loads it),
-fp32, AdamW, one rank, the same torch thread count, gradient checkpointing on for the trained
-models of both sides (TRL's PPOConfig defaults to it, but its PPO loop never switches it on,
-so both sides call `gradient_checkpointing_enable()`; `--gradient_checkpointing false` leaves
-it off on both).
-- ours: `stages.ppo.run_ppo`, the code `python -m stages.ppo` runs: the policy is the base with
-  a LoRA adapter (r=8 on every linear layer) and the reference is that model with the adapter
-  disabled; the value model is the reward model with its own LoRA adapter and a trainable copy
-  of the head, and the reward model is that model with its adapter disabled (one rm backbone).
-- TRL default: TRL's own PPO example (`examples/scripts/ppo/ppo.py` without peft): four separate
-  models from `from_pretrained` (policy and reference `AutoModelForCausalLM`, reward and value
-  `AutoModelForSequenceClassification`), policy and value trained in full.
+model (the real pretrained SmolLM2-135M-Instruct by default, `--preset bench` the ~20M bench
+model), the same prompts (the first rows of the embedded demo_sft, tokenized by the project's
+template), the same reward model (an rm output with full tuning, one step of `python -m
+stages.rm`, so plain transformers loads it), the same precision (fp32, or with `--bf16 true` bf16
+autocast and every frozen weight in bf16 on both sides), AdamW, one rank, the same torch thread
+count, LoRA r=8 / alpha 16 on every linear layer of the policy, gradient checkpointing on for the
+trained models of both sides (TRL's PPO loop never switches it on itself, so both sides call
+`gradient_checkpointing_enable()`; `--gradient_checkpointing false` leaves it off on both).
+- ours: `stages.ppo.run_ppo`, the code `python -m stages.ppo` runs: the policy is the base with a
+  LoRA adapter and the reference is that model with the adapter disabled; the value model is the
+  reward model with its own LoRA adapter and a trainable copy of the head, and the reward model is
+  that model with its adapter disabled (one rm backbone).
+- TRL with peft: TRL's PPO example (`examples/scripts/ppo/ppo.py`) with `--use_peft`: the policy
+  from `from_pretrained` with `peft_config` (TRL wraps it with `get_peft_model`; the reference is
+  the policy with its adapter disabled, `ref_model=None`), the reward and value models from
+  `from_pretrained` (`AutoModelForSequenceClassification`), the value model trained in full, as that
+  path does.
 
-Each side runs in its own Python process (launched side by side from this script), so
-allocator state and imports never mix. Both processes run with glibc's mmap threshold fixed
-(MALLOC_MMAP_THRESHOLD_, 128 KiB by default, `--mmap_threshold 0` keeps glibc's default):
-otherwise glibc raises the threshold after the first large free and keeps later freed tensors
-in its heap, and RSS would measure that allocator policy rather than the memory the update
-needs (with glibc's default both sides read higher and the ratio is closer to 1). In each
-process a thread samples the resident set size (psutil, every 2 ms) from the start of
-`train()` to its end: "step peak" is the largest sample.
-"after imports" is the RSS once every library is imported, before any model is loaded; the
-"step peak - after imports" column is the memory the models, optimizer and the update itself
-take, without the interpreter and libraries that both sides share. "process peak" is
-`ru_maxrss` (the whole process, loading included). The ratios are ours / TRL default
-(target <= 0.6).
+Each run is its own Python process with glibc's default allocator settings, so allocator state
+and imports never mix. The sides run one after the other in alternating order, `--repeats` times.
+In each process a thread samples the resident set size (psutil, every 2 ms) from the start of
+`train()` to its end: "step peak" is the largest sample, and "step s" is the wall time of
+`train()` (the whole update: generation, scoring, PPO epochs). "after imports" is the RSS once
+every library is imported, before any model is loaded; "step - imports" (step peak minus after
+imports) is the memory the models, optimizer and update take, without the interpreter and the
+libraries that both sides share. "process peak" is `ru_maxrss` (loading included). Ratios are
+ours / TRL, paired per repeat, as median (min-max).
+
+MFU: nominal model FLOPs of the update over step s and the matmul peak of the run's dtype
+(measured in this run): per token of prompt + response, 2N each for generation, reference,
+reward and value, and 4N per PPO epoch each for policy and value (forward and input gradients;
+LoRA's own products and the full value model's weight gradients on TRL's side left out), N = the
+linear layers' parameters. Both sides get the same nominal count.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,8 +52,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import (PRESET_HELP, PRESETS, ROOT, alternate, linear_params, machine_line,  # noqa: E402
+                           matmul_peak, spread, sync, world)
+
+LORA = {"r": 8, "lora_alpha": 16}  # ours: --lora_rank 8 (alpha 2r by default), every linear layer
 
 
 class RssSampler:
@@ -90,16 +100,25 @@ def rss_after_imports() -> int:
 
 
 def measured_train(train):
-    """Wrap a trainer's `train` so the RSS peak of the update is recorded in `result`."""
-    result: dict[str, int] = {}
+    """Wrap a trainer's `train` so the RSS peak and wall time of the update are recorded in `result`."""
+    result: dict[str, float] = {}
 
     def wrapped(self, *args, **kwargs):
+        import torch
+
         sampler = RssSampler()
         sampler.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         try:
             return train(self, *args, **kwargs)
         finally:
+            sync()
+            result["seconds"] = time.perf_counter() - start
             result["step_peak"] = sampler.stop()
+            if torch.cuda.is_available():  # on a GPU the models live there: its allocator's peak is what counts
+                result["gpu_peak"] = torch.cuda.max_memory_allocated()
 
     return wrapped, result
 
@@ -108,13 +127,30 @@ def common_args(args, out: Path) -> list[str]:
     """Data and run arguments both sides parse the same way."""
     import torch
 
-    work = Path(args.work_dir)
     # bf16 without an accelerator needs TrainingArguments told that it runs on the CPU.
     cpu = ["--use_cpu", "true"] if args.bf16 and not torch.accelerator.is_available() else []
-    return [*cpu, "--dataset", "demo_sft", "--dataset_dir", str(work / "embedded" / "data"), "--max_samples",
+    return [*cpu, "--dataset", "demo_sft", "--dataset_dir", str(args.folder / "data"), "--max_samples",
             str(args.batch_size), "--cutoff_len", str(args.prompt_length), "--output_dir", str(out),
             "--max_steps", "1", "--per_device_train_batch_size", str(args.batch_size), "--report_to", "none",
             "--seed", "42", "--gradient_checkpointing", str(args.gradient_checkpointing), "--bf16", str(args.bf16)]
+
+
+def load_prompts(args):
+    """The prompts exactly as our side tokenizes them (the data pipeline is not what is measured)."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from stages.core.arguments import DataArguments, parse_args
+    from stages.core.data import get_dataset
+    from stages.core.data.processors import prompt_only
+    from stages.core.data.template import get_template
+
+    data_args, training_args = parse_args([DataArguments, TrainingArguments], common_args(args, args.work_dir / "trl"),
+                                          "ppo")
+    tokenizer = AutoTokenizer.from_pretrained(args.folder / "model")
+    encode = partial(prompt_only, tokenizer=tokenizer, template=get_template(tokenizer, None),
+                     cutoff_len=args.prompt_length)
+    prompts = get_dataset(data_args, training_args, encode, ranking=False).train_dataset.remove_columns("labels")
+    return prompts, tokenizer, training_args
 
 
 def side_ours(args) -> dict[str, float]:
@@ -124,10 +160,10 @@ def side_ours(args) -> dict[str, float]:
 
     wrapped, result = measured_train(ppo_trainer.PolicyTrainer.train)
     ppo_trainer.PolicyTrainer.train = wrapped
-    work = Path(args.work_dir)
-    run_ppo(["--model_name_or_path", str(work / "embedded" / "model"), "--reward_model", str(work / "rm"),
-             *common_args(args, work / "ours"), "--overwrite_output_dir", "--max_new_tokens", str(args.response_length),
-             "--ppo_epochs", str(args.ppo_epochs), "--sample_steps", "0", "--lora_rank", "8"])
+    run_ppo(["--model_name_or_path", str(args.folder / "model"), "--reward_model", str(args.reward_dir),
+             *common_args(args, args.work_dir / "ours"), "--overwrite_output_dir", "--max_new_tokens",
+             str(args.response_length), "--ppo_epochs", str(args.ppo_epochs), "--sample_steps", "0",
+             "--lora_rank", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"]), "--temperature", "0.7"])
     return {"after_imports": after_imports, **result}
 
 
@@ -136,120 +172,133 @@ def side_trl(args) -> dict[str, float]:
 
     after_imports = rss_after_imports()
     import torch
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from stages.core.data import get_dataset
-    from stages.core.data.processors import prompt_only
-    from stages.core.data.template import get_template
-    from stages.core.arguments import DataArguments, parse_args
-
-    work = Path(args.work_dir)
-    model_path, rm_path = work / "embedded" / "model", work / "rm"
-    # The prompts exactly as our side tokenizes them (the data pipeline is not what is measured).
-    data_args, training_args = parse_args([DataArguments, TrainingArguments], common_args(args, work / "trl"), "ppo")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encode = partial(prompt_only, tokenizer=tokenizer, template=get_template(tokenizer, None),
-                     cutoff_len=args.prompt_length)
-    prompts = get_dataset(data_args, training_args, encode, ranking=False).train_dataset.remove_columns("labels")
+    prompts, tokenizer, training_args = load_prompts(args)
     tokenizer.padding_side = "left"
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    ref_policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=torch.float32)
-    value = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=torch.float32)
+    # TRL's example loads every model in the run's dtype (its --dtype); the frozen weights match ours.
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model_path, rm_path = args.folder / "model", args.reward_dir
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype)
     if args.gradient_checkpointing:  # as our side does: TRL's PPO loop never turns it on itself
         for model in (policy, value):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    # The same TrainingArguments values as our side (fp32, gradient checkpointing as asked), TRL's PPO knobs.
+    # The same TrainingArguments values as our side, TRL's PPO knobs as ours sets them.
     config = PPOConfig(**{**values, "save_strategy": "no"}, total_episodes=args.batch_size,
                        response_length=args.response_length, temperature=0.7, stop_token="eos",
                        num_ppo_epochs=args.ppo_epochs, num_sample_generations=0,
                        local_rollout_forward_batch_size=args.batch_size)
+    peft_config = LoraConfig(**LORA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     wrapped, result = measured_train(PPOTrainer.train)
     PPOTrainer.train = wrapped
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
-                         reward_model=reward, value_model=value, train_dataset=prompts, eval_dataset=prompts)
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
+                         reward_model=reward, value_model=value, train_dataset=prompts, eval_dataset=prompts,
+                         peft_config=peft_config)
     trainer.train()
     return {"after_imports": after_imports, **result}
 
 
 def prepare(args) -> None:
-    """The bench model and a full-tuned reward model, built once into --work_dir."""
-    work = Path(args.work_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    if not (work / "embedded" / "model" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.world", "--output_dir", str(work / "embedded"),
-                        "--preset", "bench"], check=True, cwd=ROOT, env=env)
-    if not (work / "rm" / "model.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "stages.rm", "--model_name_or_path", str(work / "embedded" / "model"),
-                        "--dataset", "demo_pref", "--dataset_dir", str(work / "embedded" / "data"), "--output_dir",
-                        str(work / "rm"), "--overwrite_output_dir", "--do_train", "--max_steps", "1",
+    """The model folder and a full-tuned reward model on it, built once into --work_dir."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    args.folder = world(args.work_dir, args.preset)
+    if not (args.reward_dir / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "stages.rm", "--model_name_or_path", str(args.folder / "model"),
+                        "--dataset", "demo_pref", "--dataset_dir", str(args.folder / "data"), "--output_dir",
+                        str(args.reward_dir), "--overwrite_output_dir", "--do_train", "--max_steps", "1",
                         "--finetuning_type", "full", "--per_device_train_batch_size", "2", "--report_to", "none"],
                        check=True, cwd=ROOT, env=env, capture_output=True)
 
 
+def run_side(args, side: str, repeat: int) -> dict[str, float]:
+    """One measured process; its RESULT line."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    log = args.work_dir / f"{side}-{repeat}.log"
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], cwd=ROOT, env=env,
+                              stdout=out, stderr=subprocess.STDOUT).returncode
+    output = log.read_text()
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not lines:
+        sys.exit(f"side {side} failed ({code}), log {log}:\n{output[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work_dir", default="/tmp/ppo_bench")
+    parser.add_argument("--preset", default="smollm2", choices=PRESETS, help=PRESET_HELP)
+    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/ppo_bench"),
+                        help="model folder and reward model per preset (built on first use), scratch runs")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per PPO update")
     parser.add_argument("--prompt_length", type=int, default=64, help="prompt tokens at most (cutoff_len)")
     parser.add_argument("--response_length", type=int, default=32, help="generated tokens per prompt")
     parser.add_argument("--ppo_epochs", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per side")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, in alternating order")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's)")
     parser.add_argument("--gradient_checkpointing", type=lambda v: v.lower() == "true", default=True,
                         help="true (TRL's PPOConfig default) or false, on both sides")
     parser.add_argument("--bf16", type=lambda v: v.lower() == "true", default=False,
-                        help="true: --bf16 on both sides (autocast; ours also keeps frozen weights in bf16)")
-    parser.add_argument("--mmap_threshold", type=int, default=131072,
-                        help="MALLOC_MMAP_THRESHOLD_ of both sides in bytes (0: glibc's dynamic default)")
+                        help="true: bf16 autocast and frozen weights in bf16 on both sides")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one measured process
     args = parser.parse_args()
+    args.folder, args.reward_dir = args.work_dir / args.preset, args.work_dir / f"rm-{args.preset}"
 
-    if args.side:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    if args.side:
         measured = side_ours(args) if args.side == "ours" else side_trl(args)
         measured["process_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         print("RESULT " + json.dumps(measured), flush=True)
         return
 
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     prepare(args)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "disabled"}
-    if args.mmap_threshold > 0:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-    logs = {side: Path(args.work_dir) / f"{side}.log" for side in ("ours", "trl")}
-    procs = {side: subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--side", side], cwd=ROOT, env=env,
-                                    stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for side, log in logs.items()}
-    results = {}
-    for side, proc in procs.items():
-        proc.wait()
-        output = logs[side].read_text()
-        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"side {side} failed ({proc.returncode}), log {logs[side]}:\n{output[-4000:]}")
-        results[side] = json.loads(lines[-1][len("RESULT "):])
+    header = machine_line(args.threads)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak(dtype, device)
+    results: dict[str, list[dict[str, float]]] = {"ours": [], "trl": []}
+    for repeat in range(args.repeats):
+        for side in alternate(["ours", "trl"], repeat):
+            results[side].append(run_side(args, side, repeat))
+            r = results[side][-1]
+            print(f"  repeat {repeat + 1}: {side:4s} step peak {r['step_peak'] / 2**20:6.0f} MiB, "
+                  f"{r['seconds']:6.1f} s", flush=True)
+    peak = max(peak, matmul_peak(dtype, device))
+    prompts = load_prompts(args)[0]
+    tokens = sum(len(row["input_ids"]) for row in prompts) + args.batch_size * args.response_length
+    flops = tokens * linear_params(args.folder / "model") * (8 + 8 * args.ppo_epochs)
 
-    mib = 1024 * 1024
-    print(f"one PPO update: {args.batch_size} prompts x <= {args.prompt_length} tokens, {args.response_length} "
-          f"new tokens, {args.ppo_epochs} PPO epochs, {'bf16' if args.bf16 else 'fp32'}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, {args.threads} thread(s) per side, malloc mmap "
-          f"threshold {args.mmap_threshold or 'glibc default'}")
-    print(f"{'side':<34}{'after imports':>15}{'step peak':>12}{'step - imports':>16}{'process peak':>14}  (MiB)")
-    names = {"ours": "ours (LoRA, adapters off)", "trl": "TRL default (4 separate models)"}
-    for side, r in results.items():
-        print(f"{names[side]:<34}{r['after_imports'] / mib:>15.0f}{r['step_peak'] / mib:>12.0f}"
-              f"{(r['step_peak'] - r['after_imports']) / mib:>16.0f}{r['process_peak'] / mib:>14.0f}")
-    ours, trl = results["ours"], results["trl"]
-    step = {side: r["step_peak"] - r["after_imports"] for side, r in results.items()}
-    print(f"ratio ours / TRL default: step peak {ours['step_peak'] / trl['step_peak']:.3f}, "
-          f"step - imports {step['ours'] / step['trl']:.3f}, "
-          f"process peak {ours['process_peak'] / trl['process_peak']:.3f} (target <= 0.6)")
+    mib = 2**20
+    print(f"\n{header}\none PPO update: {args.batch_size} prompts x <= {args.prompt_length} tokens, "
+          f"{args.response_length} new tokens, {args.ppo_epochs} PPO epochs, {'bf16' if args.bf16 else 'fp32'}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, glibc's default malloc, "
+          f"{args.repeats} repeats; model {(args.folder / 'model').resolve()}; matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s ({'bf16' if args.bf16 else 'fp32'})")
+    columns = ("after_imports", "step_peak", "step", "process_peak", *(["gpu_peak"] if torch.cuda.is_available()
+                                                                       else []))
+    for r in results["ours"] + results["trl"]:
+        r["step"] = r["step_peak"] - r["after_imports"]
+    print(f"{'side (MiB; median (min-max))':34}{'after imports':>20}{'step peak':>20}{'step - imports':>20}"
+          f"{'process peak':>20}{'GPU peak' if 'gpu_peak' in columns else '':>20}{'step s':>20}{'MFU%':>6}")
+    names = {"ours": "ours (LoRA, adapters off)", "trl": "TRL with peft (value in full)"}
+    for side, runs in results.items():
+        cells = "".join(f"{spread([r[c] / mib for r in runs], 0):>20}" for c in columns)
+        seconds = [r["seconds"] for r in runs]
+        print(f"{names[side]:34}{cells}{spread(seconds, 1):>20}{100 * flops / statistics.median(seconds) / peak:6.1f}")
+    ratio = {c: spread([o[c] / t[c] for o, t in zip(results["ours"], results["trl"])]) for c in columns}
+    speed = spread([t["seconds"] / o["seconds"] for o, t in zip(results["ours"], results["trl"])])
+    gpu = f", GPU peak {ratio['gpu_peak']}" if "gpu_peak" in ratio else ""
+    print(f"ratio ours / TRL with peft: step peak {ratio['step_peak']}, step - imports {ratio['step']}, process "
+          f"peak {ratio['process_peak']}{gpu}; speed (TRL s / ours s) {speed} "
+          "(goals: step peak <= 0.8x at >= 1.0x speed)")
 
 
 if __name__ == "__main__":
