@@ -63,7 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, alternate, linear_params,  # noqa: E402
-                           machine_line, matmul_peak, native_cpu_bf16, spread, sync, world)
+                           machine_line, matmul_peak, native_cpu_bf16, profile, spread, sync, world)
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
 from dyprag.passage_training import (EncodeConfig, default_max_batch_tokens, encode_batch, init_lora,  # noqa: E402
                                      passage_texts, plan_batches)
@@ -198,6 +198,9 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
             if repeat == 0:
                 checks[name] = states
             print(f"  repeat {repeat + 1}: {name}: {counts[name]} passages in {took:.1f} s", flush=True)
+    if args.profile:
+        print(f"\n{args.profile}, {counts[args.profile]} passages under torch.profiler:")
+        profile(partial(sides[args.profile], texts[: counts[args.profile]], work / "profile"))
     rows = []
     for name in sides:
         count, times = counts[name], seconds[name]
@@ -281,6 +284,8 @@ def main() -> None:
     parser.add_argument("--load_count", type=int, default=64, help="LoRAs loaded per batch")
     parser.add_argument("--load_repeats", type=int, default=3, help="loading: runs per case")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", default=None, help="also run this side (by name) once under torch.profiler "
+                                                        "and print where its time goes")
     args = parser.parse_args()
     if args.original_passages < 4 or args.passages < args.original_passages or args.repeats < 1:
         parser.error("--original_passages must be >= 4 and <= --passages, --repeats >= 1")

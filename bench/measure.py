@@ -112,3 +112,31 @@ def spread(values: list[float], digits: int = 2) -> str:
 def alternate(sides: list, repeat: int) -> list:
     """The run order of one repeat: as given on even repeats, reversed on odd ones (drift hits both ends)."""
     return list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+
+
+CATEGORIES = (  # (name, substrings of aten op names), first match wins
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("optimizer", ("_foreach_", "adam")),
+)
+
+
+def profile(fn, top: int = 12) -> None:
+    """Run `fn` under torch.profiler; print each category's share of the self time and the top ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    shares = dict.fromkeys([name for name, _ in CATEGORIES] + ["other (elementwise, copies, norms, ...)"], 0.0)
+    for event in events:
+        name = next((n for n, keys in CATEGORIES if any(k in event.key for k in keys)),
+                    "other (elementwise, copies, norms, ...)")
+        shares[name] += event.self_cpu_time_total
+    print("profile, share of the aten ops' self CPU time: "
+          + "; ".join(f"{name} {100 * value / total:.0f} %" for name, value in shares.items()))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, ROOT, alternate, linear_params,  # noqa: E402
-                           machine_line, matmul_peak, spread, sync, world)
+                           machine_line, matmul_peak, profile, spread, sync, world)
 from dyprag.bank import LoraBank  # noqa: E402
 from dyprag.lora import LoraSpec, target_module_names  # noqa: E402
 from dyprag.projector_model import Projector, ProjectorConfig  # noqa: E402
@@ -306,6 +306,8 @@ def main() -> None:
                         help="true: the frozen model in bf16 on every row (default fp32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every row")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile", default=None, choices=list(ROWS),
+                        help="also run this row once under torch.profiler and print where its time goes")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not set(rows) <= set(ROWS) or not {"original", "ours"} <= set(rows):
@@ -366,6 +368,15 @@ def main() -> None:
     if "padded" in rows:
         print(f"ours / original padded to {args.pad_to}: "
               f"{spread([a / b for a, b in zip(rates['ours'], rates['padded'])], 1)}")
+    if args.profile:
+        name = ROWS[args.profile].format(pad_to=args.pad_to, batch=args.batch_size)
+        print(f"\n{name}, one run under torch.profiler:")
+        if args.profile in ("original", "padded"):
+            steps = args.original_steps if args.profile == "original" else args.padded_steps
+            order = rng.sample(range(len(setup.pairs)), args.original_warmup + steps)
+            profile(lambda: original.run(order, args.original_warmup, args.pad_to if args.profile == "padded" else 0))
+        else:
+            profile(lambda: run_ours(setup, args, "original" if args.profile == "ours" else "answer"))
     print(f"(total {time.perf_counter() - started:.0f} s)")
 
 

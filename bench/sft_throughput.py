@@ -61,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import (PRESET_HELP, PRESETS, ROOT, alternate, linear_params, machine_line,  # noqa: E402
-                           matmul_peak, spread, sync, world)
+                           matmul_peak, profile, spread, sync, world)
 
 ALPACA = ROOT.parent / "shared" / "data" / "llamafactory_demo" / "alpaca_en_demo.json"
 # (name, side, grouped by length, packed); the baseline of each ratio is named in RATIOS.
@@ -193,8 +193,10 @@ def plain_dataset(cfg: argparse.Namespace):
         query = "\n".join(example[key] for key in ("instruction", "input") if example.get(key))
         messages = [{"role": "user", "content": query}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template's text after the answer's end-of-turn token (ChatML's newline) is not trained on, as in
+        # stages.sft, so both sides train on the same tokens.
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": example["output"]}],
-                                             tokenize=False)
+                                             tokenize=False).rstrip("\n")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         input_ids = tokenizer(full, add_special_tokens=False)["input_ids"][: cfg.cutoff_len]
         labels = [-100] * len(prompt_ids) + input_ids[len(prompt_ids):]
@@ -243,6 +245,39 @@ def check_same_batches(results: dict[tuple[str, str], list[Run]], dtype: str) ->
                          f"batches, so their rates do not compare")
 
 
+def report(cfg: argparse.Namespace, results: dict, configs: list, peaks: dict, params: int, ours: dict, plain,
+           header: str) -> None:
+    """Check the batches, then print the table."""
+    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = list(peaks)
+    # Peaks again after the runs: the better of the two (one reading on a shared host can be low).
+    peaks = {name: max(peak, matmul_peak(kinds[name], cfg.device)) for name, peak in peaks.items()}
+    for dtype in dtypes:
+        check_same_batches(results, dtype)
+
+    print(f"\n{header}\nmodel {cfg.model_dir.resolve()} ({params / 1e6:.1f}M linear params), data {cfg.dataset} "
+          f"({len(plain)} samples, {len(ours[True])} packed rows), batch {cfg.batch_size}, cutoff_len "
+          f"{cfg.cutoff_len}, {cfg.warmup}+{cfg.steps} steps x {cfg.repeats} repeats; matmul peak (F.linear): "
+          f"{', '.join(f'{d} {p / 1e9:.1f}' for d, p in peaks.items())} GFLOP/s; same tokens and samples in the "
+          f"timed steps of ours and the plain Trainer in every repeat: checked")
+    table = (f"{'dtype':5s} {'row':32s} {'tok/s (min-max)':>22s} {'samples/s':>9s} {'pad%':>5s} "
+             f"{'ratio (min-max)':>17s} {'MFU%':>5s}")
+    print(table + "\n" + "-" * len(table))
+    for name, dtype in configs:
+        runs = results[(name, dtype)]
+        rates = [r.tokens_per_s for r in runs]
+        ratio = "-"
+        if name in RATIOS:
+            # Each run is paired with its baseline's run of the same repeat (close in time).
+            ratio = spread([r.tokens_per_s / b.tokens_per_s for r, b in zip(runs, results[(RATIOS[name], dtype)])])
+        samples = statistics.median(r.samples / r.seconds for r in runs)
+        pad = 100 * (1 - sum(r.tokens for r in runs) / sum(r.padded for r in runs))
+        print(f"{dtype:5s} {name:32s} {spread(rates, 1):>22s} {samples:9.2f} {pad:5.1f} {ratio:>17s} "
+              f"{100 * 6 * params * statistics.median(rates) / peaks[dtype]:5.1f}")
+    print("ratios: ours / plain Trainer; ours, group_by_length and ours packed / plain Trainer, group_by_length "
+          "(goals: packed >= 1.3x, unpacked >= 1.0x; MFU goal for packed fp32 >= 50 %)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smollm2", choices=PRESETS, help=PRESET_HELP)
@@ -257,9 +292,13 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32", help="Comma-separated: fp32, bf16 (autocast).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="Where both sides train (default: cuda when present).")
+    parser.add_argument("--profile", nargs="+", default=[], choices=[row[0] for row in ROWS], metavar="ROW",
+                        help="Also run these rows once each under torch.profiler (first dtype) and print where their "
+                             "time goes; with --repeats 0, only that.")
     cfg = parser.parse_args()
-    if cfg.warmup < 1 or cfg.steps < 1 or cfg.repeats < 1:
-        parser.error("--warmup, --steps and --repeats must be >= 1 (the first step is never timed).")
+    if cfg.warmup < 1 or cfg.steps < 1 or cfg.repeats < (0 if cfg.profile else 1):
+        parser.error("--warmup, --steps and --repeats must be >= 1 (the first step is never timed; --repeats 0 only "
+                     "with --profile).")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(cfg.threads)
@@ -290,32 +329,13 @@ def main() -> None:
             results[(name, dtype)].append(run)
             print(f"  repeat {repeat + 1}: {name:32s} {dtype}: {run.tokens_per_s:8.1f} tok/s", flush=True)
             gc.collect()
-    # Peaks again after the runs: the better of the two (one reading on a shared host can be low).
-    peaks = {name: max(peak, matmul_peak(kinds[name], cfg.device)) for name, peak in peaks.items()}
-    for dtype in dtypes:
-        check_same_batches(results, dtype)
-
-    print(f"\n{header}\nmodel {cfg.model_dir.resolve()} ({params / 1e6:.1f}M linear params), data {cfg.dataset} "
-          f"({len(plain)} samples, {len(ours[True])} packed rows), batch {cfg.batch_size}, cutoff_len "
-          f"{cfg.cutoff_len}, {cfg.warmup}+{cfg.steps} steps x {cfg.repeats} repeats; matmul peak (F.linear): "
-          f"{', '.join(f'{d} {p / 1e9:.1f}' for d, p in peaks.items())} GFLOP/s; same tokens and samples in the "
-          f"timed steps of ours and the plain Trainer in every repeat: checked")
-    table = (f"{'dtype':5s} {'row':32s} {'tok/s (min-max)':>22s} {'samples/s':>9s} {'pad%':>5s} "
-             f"{'ratio (min-max)':>17s} {'MFU%':>5s}")
-    print(table + "\n" + "-" * len(table))
-    for name, dtype in configs:
-        runs = results[(name, dtype)]
-        rates = [r.tokens_per_s for r in runs]
-        ratio = "-"
-        if name in RATIOS:
-            # Each run is paired with its baseline's run of the same repeat (close in time).
-            ratio = spread([r.tokens_per_s / b.tokens_per_s for r, b in zip(runs, results[(RATIOS[name], dtype)])])
-        samples = statistics.median(r.samples / r.seconds for r in runs)
-        pad = 100 * (1 - sum(r.tokens for r in runs) / sum(r.padded for r in runs))
-        print(f"{dtype:5s} {name:32s} {spread(rates, 1):>22s} {samples:9.2f} {pad:5.1f} {ratio:>17s} "
-              f"{100 * 6 * params * statistics.median(rates) / peaks[dtype]:5.1f}")
-    print("ratios: ours / plain Trainer; ours, group_by_length and ours packed / plain Trainer, group_by_length "
-          "(goals: packed >= 1.3x, unpacked >= 1.0x; MFU goal for packed fp32 >= 50 %)")
+    if cfg.repeats:
+        report(cfg, results, configs, peaks, params, ours, plain, header)
+    for name in cfg.profile:
+        side, grouped, packed = sides[name]
+        print(f"\n{name}, {dtypes[0]}, one run ({cfg.warmup}+{cfg.steps} steps) under torch.profiler:")
+        profile(partial(run_plain, cfg, plain, dtypes[0] == "bf16", grouped) if side == "plain"
+                else partial(run_ours, cfg, ours[packed], dtypes[0] == "bf16", grouped))
     print(f"(total {time.perf_counter() - start:.0f} s)")
 
 
