@@ -17,7 +17,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
 fi
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 
-declare -A LIMIT=([sft]=120 [ppo]=110 [projector]=90 [encode]=80 [online]=60)
+declare -A LIMIT=([sft]=110 [ppo]=150 [projector]=80 [encode]=70 [online]=50)
 run() {  # name, then the command
     local name=$1 start status
     shift
@@ -35,6 +35,6 @@ run ppo python bench/ppo_memory.py --bf16 true --repeats 3 --work_dir "$OUT/ppo"
 run projector python bench/projector_throughput.py --bf16 true --repeats 3 --steps 4 --padded_steps 8 \
     --work_dir "$OUT/projector"
 run encode python bench/encode_throughput.py --device cuda --passages 32 --original_passages 8 --repeats 3 \
-    --dtypes bf16 --skip "peft fp32" "batched fp32" --work_dir "$OUT/encode"
+    --dtypes bf16 --skip "peft fp32" "batched fp32" --bank_size 64 --load_count 16 --work_dir "$OUT/encode"
 run online python bench/online_cost.py --bf16 true --repeats 3 --work_dir "$OUT/online"
 echo "all: $(( $(date +%s) - started )) s (goal: under 480)" | tee -a "$OUT/summary.txt"
