@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import (PRESET_HELP, PRESETS, REAL_RECORDS, alternate, linear_params,  # noqa: E402
+from bench.measure import (DTYPES, PRESET_HELP, PRESETS, REAL_RECORDS, alternate, linear_params,  # noqa: E402
                            machine_line, matmul_peak, native_cpu_bf16, profile, spread, sync, world)
 from dyprag.bank import LoraBank, LoraBankWriter  # noqa: E402
 from dyprag.passage_training import (EncodeConfig, default_max_batch_tokens, encode_batch, init_lora,  # noqa: E402
@@ -188,15 +188,12 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
         elif not name.startswith("original"):  # the original's 3000-token steps run on peft fp32's code path
             run(texts[:1], work / "warmup")
     seconds: dict[str, list[float]] = {name: [] for name in sides}
-    reference, checks = None, {}
+    checks = {}  # each side's LoRAs of the first repeat
     for repeat in range(args.repeats):
         for name in alternate(list(sides), repeat):
             took, states = timed(partial(sides[name], texts[: counts[name]], work / name.split()[0]))
             seconds[name].append(took)
-            if repeat == 0 and name == "peft fp32":
-                reference = states
-            if repeat == 0:
-                checks[name] = states
+            checks.setdefault(name, states)
             print(f"  repeat {repeat + 1}: {name}: {counts[name]} passages in {took:.1f} s", flush=True)
     if args.profile:
         print(f"\n{args.profile}, {counts[args.profile]} passages under torch.profiler:")
@@ -204,6 +201,7 @@ def bench_encoding(args, model_dir: Path, work: Path) -> list[dict]:
     rows = []
     for name in sides:
         count, times = counts[name], seconds[name]
+        reference = checks.get("peft fp32")
         diff = max_difference(checks[name], reference[:count]) if reference is not None else None
         rows.append({"side": name, "passages": count, "seconds": times,
                      "passages_per_s": [count / t for t in times],
@@ -299,10 +297,11 @@ def main() -> None:
 
     # Each side against the best matrix product of its own dtype on this machine, measured before and
     # after the encoding: on a shared host one measurement can read half the peak.
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {name: matmul_peak(dtypes[name], args.device) for name in args.dtypes.split(",")}
+    # --dtypes only adds the bf16 sides: the fp32 ones (the original among them) always have a row.
+    measured = ["fp32", "bf16"] if "bf16" in args.dtypes else ["fp32"]
+    peaks = {name: matmul_peak(DTYPES[name], args.device) for name in measured}
     encoding = bench_encoding(args, model_dir, work)
-    peaks = {name: max(peak, matmul_peak(dtypes[name], args.device)) for name, peak in peaks.items()}
+    peaks = {name: max(peak, matmul_peak(DTYPES[name], args.device)) for name, peak in peaks.items()}
     print(f"\n{header}\n{args.repeats} repeats; matmul peak "
           f"{', '.join(f'{d} {p / 1e9:.0f}' for d, p in peaks.items())} GFLOP/s; medians (min-max)")
     print(f"{'encoding side':34} {'passages':>8} {'passages/s':>22} {'tokens/s':>8} {'GFLOP/s':>8} {'MFU%':>20} "

@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 REAL_RECORDS = ROOT.parent / "shared" / "data" / "prag_augmented" / "complexwebquestions_llama3.2-1b_46.json"
 PRESETS = ("smollm2", "bench")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtypes / --bf16 names
 PRESET_HELP = ("model: smollm2 (the real pretrained embedded default, SmolLM2-135M-Instruct) or bench "
                "(a ~20M random Llama, faster)")
 

@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import (PRESET_HELP, PRESETS, ROOT, alternate, linear_params, machine_line,  # noqa: E402
+from bench.measure import (DTYPES, PRESET_HELP, PRESETS, ROOT, alternate, linear_params, machine_line,  # noqa: E402
                            matmul_peak, profile, spread, sync, world)
 
 ALPACA = ROOT.parent / "shared" / "data" / "llamafactory_demo" / "alpaca_en_demo.json"
@@ -248,10 +248,9 @@ def check_same_batches(results: dict[tuple[str, str], list[Run]], dtype: str) ->
 def report(cfg: argparse.Namespace, results: dict, configs: list, peaks: dict, params: int, ours: dict, plain,
            header: str) -> None:
     """Check the batches, then print the table."""
-    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
     dtypes = list(peaks)
     # Peaks again after the runs: the better of the two (one reading on a shared host can be low).
-    peaks = {name: max(peak, matmul_peak(kinds[name], cfg.device)) for name, peak in peaks.items()}
+    peaks = {name: max(peak, matmul_peak(DTYPES[name], cfg.device)) for name, peak in peaks.items()}
     for dtype in dtypes:
         check_same_batches(results, dtype)
 
@@ -314,8 +313,7 @@ def main() -> None:
 
     start, header = time.perf_counter(), machine_line(cfg.threads)
     dtypes = [d.strip() for d in cfg.dtypes.split(",")]
-    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {name: matmul_peak(kinds[name], cfg.device) for name in dtypes}
+    peaks = {name: matmul_peak(DTYPES[name], cfg.device) for name in dtypes}
     params = linear_params(cfg.model_dir)
     ours, plain = our_datasets(cfg), plain_dataset(cfg)
     configs = [(row[0], dtype) for dtype in dtypes for row in ROWS]
