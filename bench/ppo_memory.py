@@ -200,13 +200,15 @@ def side_trl(args) -> dict[str, float]:
                          reward_model=reward, value_model=value, train_dataset=prompts, eval_dataset=prompts,
                          peft_config=peft_config)
     trainer.train()
-    return {"after_imports": after_imports, **result}
+    # The prompts' tokens, for the nominal FLOPs of the update (both sides train on the same prompts).
+    return {"after_imports": after_imports, **result,
+            "prompt_tokens": sum(len(row["input_ids"]) for row in prompts)}
 
 
 def prepare(args) -> None:
     """The model folder and a full-tuned reward model on it, built once into --work_dir."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    args.folder = world(args.work_dir, args.preset)
+    world(args.work_dir, args.preset)
     if not (args.reward_dir / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "stages.rm", "--model_name_or_path", str(args.folder / "model"),
                         "--dataset", "demo_pref", "--dataset_dir", str(args.folder / "data"), "--output_dir",
@@ -272,8 +274,7 @@ def main() -> None:
             print(f"  repeat {repeat + 1}: {side:4s} step peak {r['step_peak'] / 2**20:6.0f} MiB, "
                   f"{r['seconds']:6.1f} s", flush=True)
     peak = max(peak, matmul_peak(dtype, device))
-    prompts = load_prompts(args)[0]
-    tokens = sum(len(row["input_ids"]) for row in prompts) + args.batch_size * args.response_length
+    tokens = results["trl"][0]["prompt_tokens"] + args.batch_size * args.response_length
     flops = tokens * linear_params(args.folder / "model") * (8 + 8 * args.ppo_epochs)
 
     mib = 2**20
@@ -286,8 +287,10 @@ def main() -> None:
                                                                        else []))
     for r in results["ours"] + results["trl"]:
         r["step"] = r["step_peak"] - r["after_imports"]
-    print(f"{'side (MiB; median (min-max))':34}{'after imports':>20}{'step peak':>20}{'step - imports':>20}"
-          f"{'process peak':>20}{'GPU peak' if 'gpu_peak' in columns else '':>20}{'step s':>20}{'MFU%':>6}")
+    titles = {"after_imports": "after imports", "step_peak": "step peak", "step": "step - imports",
+              "process_peak": "process peak", "gpu_peak": "GPU peak"}
+    print(f"{'side (MiB; median (min-max))':34}{''.join(f'{titles[c]:>20}' for c in columns)}{'step s':>20}"
+          f"{'MFU%':>6}")
     names = {"ours": "ours (LoRA, adapters off)", "trl": "TRL with peft (value in full)"}
     for side, runs in results.items():
         cells = "".join(f"{spread([r[c] / mib for r in runs], 0):>20}" for c in columns)
