@@ -209,8 +209,10 @@ class OriginalLoop:
         for value in (mse, student.loss, kl, teacher.loss):  # the original prints the four losses every step
             value.item()
 
-    def run(self, order: list[int], warmup: int, pad_to: int) -> float:
-        """Train the pairs of `order` from a fresh projector, the first `warmup` untimed; seconds of the rest."""
+    def run(self, order: list[int], pad_to: int) -> float:
+        """Train the pairs of `order` from a fresh projector, the first --original_warmup untimed; seconds of the
+        rest."""
+        warmup = self.args.original_warmup
         samples = [self.sample(self.setup.pairs[i], pad_to) for i in order]
         torch.manual_seed(self.args.seed)
         projector = Projector(self.config).to(self.device).train()
@@ -335,16 +337,19 @@ def main() -> None:
     flops_per_pair = statistics.mean(2 * n * len(p.passage) + 6 * n * len(p.text) for p in setup.pairs)
 
     rng = random.Random(args.seed)
+
+    def run_row(row: str) -> tuple[int, float]:
+        """(timed samples, their seconds) of one run of `row`."""
+        if row in ("ours", "answer"):
+            return run_ours(setup, args, "original" if row == "ours" else "answer")
+        steps = args.original_steps if row == "original" else args.padded_steps
+        order = rng.sample(range(len(setup.pairs)), args.original_warmup + steps)  # DataLoader(shuffle=True)
+        return steps, original.run(order, 0 if row == "original" else args.pad_to)
+
     rates: dict[str, list[float]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for row in alternate(rows, repeat):
-            if row in ("original", "padded"):  # the original's DataLoader(shuffle=True), batch 1
-                steps = args.original_steps if row == "original" else args.padded_steps
-                order = rng.sample(range(len(setup.pairs)), args.original_warmup + steps)
-                samples = steps
-                seconds = original.run(order, args.original_warmup, 0 if row == "original" else args.pad_to)
-            else:
-                samples, seconds = run_ours(setup, args, "original" if row == "ours" else "answer")
+            samples, seconds = run_row(row)
             rates[row].append(samples / seconds)
             print(f"  repeat {repeat + 1}: {row:8s} {samples:3d} samples in {seconds:6.1f} s: "
                   f"{samples / seconds:7.3f} samples/s", flush=True)
@@ -371,12 +376,7 @@ def main() -> None:
     if args.profile:
         name = ROWS[args.profile].format(pad_to=args.pad_to, batch=args.batch_size)
         print(f"\n{name}, one run under torch.profiler:")
-        if args.profile in ("original", "padded"):
-            steps = args.original_steps if args.profile == "original" else args.padded_steps
-            order = rng.sample(range(len(setup.pairs)), args.original_warmup + steps)
-            profile(lambda: original.run(order, args.original_warmup, args.pad_to if args.profile == "padded" else 0))
-        else:
-            profile(lambda: run_ours(setup, args, "original" if args.profile == "ours" else "answer"))
+        profile(lambda: run_row(args.profile))
     print(f"(total {time.perf_counter() - started:.0f} s)")
 
 
